@@ -1,0 +1,120 @@
+"""Command line: ``python -m bridge`` (or ``cloakroom``).
+
+Exit codes: 0 ok, 2 bad arguments, 10 configuration error, 11 registration file exists,
+20 encryption set-up failed, 21 database error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import argparse
+import asyncio
+import logging.config
+import os
+import sys
+
+from . import __version__
+from .config import (
+    GENERATED_KEYS,
+    PLACEHOLDER,
+    ConfigError,
+    Config,
+    generate_secrets,
+    load_for_registration,
+    write_values,
+)
+
+EXIT_CONFIG = 10
+EXIT_REGISTRATION_EXISTS = 11
+EXIT_CRYPTO = 20
+EXIT_DATABASE = 21
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cloakroom", description="Cloakroom: email into end-to-end encrypted Matrix rooms."
+    )
+    parser.add_argument("-c", "--config", default="config.yaml", help="config file to read")
+    parser.add_argument(
+        "-g",
+        "--generate-registration",
+        action="store_true",
+        help="write the appservice registration (with fresh tokens, also saved to the config)",
+    )
+    parser.add_argument(
+        "-r", "--registration", default="registration.yaml", help="registration file to write"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="with -g: overwrite an existing registration file"
+    )
+    parser.add_argument("--version", action="version", version=f"Cloakroom {__version__}")
+    return parser.parse_args(argv)
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"cloakroom: {message}", file=sys.stderr)
+    return code
+
+
+def generate_registration(args: argparse.Namespace) -> int:
+    from . import registration
+
+    try:
+        config = load_for_registration(args.config, os.environ)
+    except ConfigError as e:
+        return _fail(EXIT_CONFIG, f"config error in {args.config}: {e}")
+    if os.path.exists(args.registration) and not args.force:
+        return _fail(
+            EXIT_REGISTRATION_EXISTS,
+            f"{args.registration} already exists; pass --force to replace it "
+            "(the homeserver must then load the new tokens)",
+        )
+    new = generate_secrets()
+    values = {"appservice.as_token": new["appservice.as_token"]}
+    values["appservice.hs_token"] = new["appservice.hs_token"]
+    # A pickle key encrypts existing keys: generate it once, never replace it.
+    if str(config["encryption.pickle_key"]).startswith(PLACEHOLDER.replace(" ", "-")):
+        values["encryption.pickle_key"] = new["encryption.pickle_key"]
+    assert set(values) <= set(GENERATED_KEYS)
+    reg = registration.build(config, values["appservice.as_token"], values["appservice.hs_token"])
+    registration.write(args.registration, reg, force=True)
+    write_values(args.config, values)
+    print(f"Wrote {args.registration} and saved its tokens in {args.config}.")
+    print("Add it to homeserver.yaml under app_service_config_files and restart the homeserver.")
+    return 0
+
+
+def run_bridge(args: argparse.Namespace) -> int:
+    from .app import Cloakroom
+    from .crypto import CryptoSetupError
+
+    try:
+        config = Config.load(args.config)
+    except ConfigError as e:
+        return _fail(EXIT_CONFIG, f"config error in {args.config}: {e}")
+    try:
+        logging.config.dictConfig(config["logging"])
+    except (ValueError, TypeError, AttributeError, ImportError) as e:
+        return _fail(EXIT_CONFIG, f"config error in {args.config}: logging: {e}")
+    log = logging.getLogger("bridge")
+    for warning in config.warnings:
+        log.warning("Config: %s", warning)
+    try:
+        asyncio.run(Cloakroom(config).run())
+    except CryptoSetupError as e:
+        log.critical("Encryption set-up failed: %s", e)
+        return EXIT_CRYPTO
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.generate_registration:
+        return generate_registration(args)
+    return run_bridge(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Loading, validating and updating the bridge configuration.
+
+The packaged ``config.sample.yaml`` is the one source of truth for keys, their types and their
+defaults. A user's file is laid over it, then the environment over that. Anything wrong stops
+start-up with a :class:`ConfigError` that names the key, so the admin knows what to fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, MutableMapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+import copy
+import io
+import os
+import secrets
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.error import YAMLError
+import yarl
+
+ENV_PREFIX = "CLOAKROOM_"
+PLACEHOLDER = "This value is generated"
+
+# Keys an admin must set; everything else falls back to the sample's default.
+REQUIRED_KEYS = (
+    "homeserver.address",
+    "homeserver.domain",
+    "appservice.address",
+    "appservice.as_token",
+    "appservice.hs_token",
+    "encryption.pickle_key",
+)
+# Sample values that are examples, not defaults: leaving them in means the file was not edited.
+EXAMPLE_VALUES = {
+    "homeserver.address": "https://matrix.example.com",
+    "homeserver.domain": "example.com",
+}
+# Mappings whose contents are free-form: only their type is checked against the sample.
+OPAQUE_KEYS = ("permissions", "logging")
+# Keys that -g fills in.
+GENERATED_KEYS = ("appservice.as_token", "appservice.hs_token", "encryption.pickle_key")
+DATABASE_SCHEMES = ("sqlite", "sqlite3", "postgres", "postgresql")
+PERMISSION_LEVELS = ("none", "user", "admin")
+
+
+class ConfigError(Exception):
+    """A configuration problem, always about one key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def _yaml() -> YAML:
+    yaml = YAML(typ="rt")
+    yaml.indent(mapping=4, sequence=4, offset=2)
+    yaml.width = 100
+    yaml.preserve_quotes = True
+    return yaml
+
+
+def sample_text() -> str:
+    return resources.files("bridge").joinpath("config.sample.yaml").read_text("utf-8")
+
+
+def load_sample() -> CommentedMap:
+    return _yaml().load(sample_text())
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield (dotted key, value) for every leaf; opaque mappings count as leaves."""
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and path not in OPAQUE_KEYS:
+            yield from _leaves(value, f"{path}.")
+        else:
+            yield path, value
+
+
+def _get(data: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, Mapping) or part not in data:
+            raise KeyError(key)
+        data = data[part]
+    return data
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for i, part in enumerate(parents):
+        child = data.get(part)
+        if child is None:  # absent, or `section:` left empty
+            child = data[part] = CommentedMap()
+        elif not isinstance(child, MutableMapping):
+            raise ConfigError(".".join(parents[: i + 1]), f"must be a mapping, got {child!r}")
+        data = child
+    data[last] = value
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _same_type(default: Any, value: Any) -> bool:
+    # bool is an int in Python; in a config file "port: true" is a mistake, not 1.
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    for kind in (int, str, Mapping, list):
+        if isinstance(default, kind):
+            return isinstance(value, kind)
+    return True
+
+
+class Config:
+    """The effective configuration: sample defaults, then the file, then the environment."""
+
+    def __init__(self, data: dict[str, Any], path: Path | None = None) -> None:
+        self._data = data
+        self.path = path
+        self.warnings: list[str] = []
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+    ) -> Config:
+        path = Path(path)
+        try:
+            text = path.read_text("utf-8")
+        except FileNotFoundError:
+            raise ConfigError("config", f"{path} does not exist; copy config.sample.yaml") from None
+        return cls.from_text(text, env=os.environ if env is None else env, path=path)
+
+    @classmethod
+    def from_text(
+        cls, text: str, env: Mapping[str, str] | None = None, path: Path | None = None
+    ) -> Config:
+        try:
+            user = YAML(typ="safe").load(text) or {}
+        except YAMLError as e:
+            raise ConfigError("config", f"not valid YAML: {e}") from None
+        if not isinstance(user, Mapping):
+            raise ConfigError("config", "the file must be a mapping of keys")
+        config = cls._merge(user, env or {})
+        config.path = path
+        return config
+
+    @classmethod
+    def _merge(cls, user: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+        sample = YAML(typ="safe").load(sample_text())
+        data: dict[str, Any] = {}
+        warnings = []
+        missing = []
+        for key, default in _leaves(sample):
+            try:
+                data_value = _get(user, key)
+            except KeyError:
+                if key in REQUIRED_KEYS:
+                    missing.append(key)  # the environment may still set it
+                    continue
+                data_value = copy.deepcopy(default)
+            _set(data, key, data_value)
+        known = {key for key, _ in _leaves(sample)}
+        for key, _ in _leaves(user):
+            if key not in known and not any(key.startswith(f"{o}.") for o in OPAQUE_KEYS):
+                warnings.append(f"{key}: unknown key, ignored")
+        for name, raw in sorted(env.items()):
+            if name.startswith(ENV_PREFIX):
+                key = ".".join(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
+                top = key.split(".", 1)[0]
+                if key not in known and top not in OPAQUE_KEYS:
+                    raise ConfigError(name, f"environment variable names no config key ({key})")
+                try:
+                    value = YAML(typ="safe").load(io.StringIO(raw))
+                except YAMLError as e:
+                    raise ConfigError(name, f"not a valid YAML value: {e}") from None
+                _set(data, key, "" if value is None else value)
+        for key in missing:
+            try:
+                _get(data, key)
+            except KeyError:
+                raise ConfigError(key, "missing; this key is required") from None
+        config = cls(data)
+        config.warnings = warnings
+        config.validate(sample)
+        return config
+
+    def validate(self, sample: Mapping[str, Any], allow_placeholders: bool = False) -> None:
+        for key, default in _leaves(sample):
+            value = self[key]
+            if not _same_type(default, value):
+                raise ConfigError(
+                    key, f"must be {_type_name(default)}, got {_type_name(value)} ({value!r})"
+                )
+            if isinstance(value, str) and value.startswith(PLACEHOLDER) and not allow_placeholders:
+                raise ConfigError(
+                    key, "still the placeholder; run `python -m bridge -g` to generate it"
+                )
+            if key in EXAMPLE_VALUES and value == EXAMPLE_VALUES[key]:
+                raise ConfigError(key, f"still the example value {value!r}; set your own")
+            if key in REQUIRED_KEYS and not value:
+                raise ConfigError(key, "must not be empty")
+        self._validate_values()
+
+    def _validate_values(self) -> None:
+        for key in ("homeserver.address", "appservice.address"):
+            try:
+                url = yarl.URL(self[key])
+            except ValueError as e:
+                raise ConfigError(key, f"not a valid URL ({e}): {self[key]!r}") from None
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ConfigError(key, f"must be an http(s) URL, got {self[key]!r}")
+        if not 0 < self["appservice.port"] < 65536:
+            raise ConfigError("appservice.port", f"must be a TCP port, got {self['appservice.port']}")
+        try:
+            scheme = yarl.URL(self["database"]).scheme
+        except ValueError as e:
+            raise ConfigError("database", f"not a valid URL ({e})") from None
+        if scheme not in DATABASE_SCHEMES:
+            raise ConfigError(
+                "database",
+                f"unknown database scheme {scheme!r}; use sqlite:PATH or postgres://…",
+            )
+        if "{address}" not in self["bridge.username_template"]:
+            raise ConfigError("bridge.username_template", "must contain {address}")
+        for pattern, level in self["permissions"].items():
+            if level not in PERMISSION_LEVELS:
+                raise ConfigError(
+                    f"permissions.{pattern}",
+                    f"unknown level {level!r}; use one of {', '.join(PERMISSION_LEVELS)}",
+                )
+        if self["logging"].get("version") != 1:
+            raise ConfigError("logging.version", "must be 1 (logging.config.dictConfig schema)")
+
+    def __getitem__(self, key: str) -> Any:
+        return _get(self._data, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    @property
+    def bot_mxid(self) -> str:
+        return f"@{self['appservice.bot_username']}:{self['homeserver.domain']}"
+
+
+def load_for_registration(path: str | os.PathLike[str], env: Mapping[str, str]) -> Config:
+    """Load a config that may still hold the placeholders that -g is about to replace."""
+    try:
+        user = YAML(typ="safe").load(Path(path).read_text("utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError("config", f"{path} does not exist; copy config.sample.yaml") from None
+    except YAMLError as e:
+        raise ConfigError("config", f"not valid YAML: {e}") from None
+    if not isinstance(user, Mapping):
+        raise ConfigError("config", "the file must be a mapping of keys")
+    for key in GENERATED_KEYS:
+        try:
+            value = _get(user, key)
+        except KeyError:
+            value = None
+        # Absent, empty or the placeholder: -g is about to fill it in.
+        if value is None or value == "" or str(value).startswith(PLACEHOLDER):
+            _set(user, key, PLACEHOLDER.replace(" ", "-"))  # validated as an ordinary string
+    return Config._merge(user, env)
+
+
+def generate_secrets() -> dict[str, str]:
+    return {
+        "appservice.as_token": secrets.token_urlsafe(48),
+        "appservice.hs_token": secrets.token_urlsafe(48),
+        "encryption.pickle_key": secrets.token_urlsafe(32),
+    }
+
+
+def write_values(path: str | os.PathLike[str], values: Mapping[str, Any]) -> None:
+    """Set keys in a config file, keeping its comments and layout (ruamel round trip)."""
+    path = Path(path)
+    yaml = _yaml()
+    data = yaml.load(path.read_text("utf-8")) or CommentedMap()
+    for key, value in values.items():
+        _set(data, key, value)
+    tmp = path.with_name(f".{path.name}.tmp")
+    # The file holds the tokens and the pickle key: owner-only from the moment it exists
+    # (fchmod too, in case a stale temporary file from a crashed run is reused).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        yaml.dump(data, f)
+    os.replace(tmp, path)

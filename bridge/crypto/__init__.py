@@ -1,0 +1,8 @@
+"""End-to-end encryption: identities the bridge owns and the encrypted sender."""
+
+from __future__ import annotations
+
+from .account import CryptoAccount, CryptoSetupError
+from .sender import EncryptedSender
+
+__all__ = ["CryptoAccount", "CryptoSetupError", "EncryptedSender"]

@@ -1,0 +1,35 @@
+"""The bridge database: our own tables, mautrix's state cache and the crypto store, one file.
+
+SQLite by default (``sqlite:PATH``), PostgreSQL by URI (``postgres://…``), with the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mautrix.client.state_store.asyncpg import PgStateStore
+from mautrix.crypto import PgCryptoStore
+from mautrix.util.async_db import Database
+import mautrix.util.async_db.aiosqlite  # noqa: F401  (registers the sqlite scheme)
+import mautrix.util.async_db.asyncpg  # noqa: F401  (registers the postgres scheme)
+
+from .state import BridgeState, TxnLog
+from .upgrade import upgrade_table
+
+__all__ = ["BridgeState", "TxnLog", "open_database", "upgrade_table"]
+
+
+async def open_database(url: str) -> Database:
+    """Open the database and bring all three schemas to their latest version."""
+    db = Database.create(
+        url,
+        upgrade_table=upgrade_table,
+        log=logging.getLogger("bridge.db"),
+        # mautrix turns WAL on with synchronous=NORMAL, which can lose the last commits on power
+        # loss; the bridge acknowledges mail only after a commit, so it must really be on disk.
+        db_args={"init_commands": ["PRAGMA synchronous = FULL"]} if url.startswith("sqlite") else None,
+    )
+    await db.start()
+    await PgStateStore.upgrade_table.upgrade(db)
+    await PgCryptoStore.upgrade_table.upgrade(db)
+    return db

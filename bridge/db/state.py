@@ -1,0 +1,52 @@
+"""Small persistent facts: bridge key/value state and the processed-transaction log."""
+
+from __future__ import annotations
+
+import time
+
+from mautrix.util.async_db import Database
+
+
+class BridgeState:
+    """A key/value table for facts the bridge must remember across restarts."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def get(self, key: str) -> str | None:
+        return await self.db.fetchval("SELECT value FROM bridge_state WHERE key=$1", key)
+
+    async def set(self, key: str, value: str) -> None:
+        await self.db.execute(
+            "INSERT INTO bridge_state (key, value) VALUES ($1, $2) "
+            "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+            key,
+            value,
+        )
+
+
+class TxnLog:
+    """Appservice transaction ids that were fully handled."""
+
+    # Synapse retries a failed transaction for hours at most; a week is plenty.
+    RETENTION_MS = 7 * 24 * 3600 * 1000
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def seen(self, txn_id: str) -> bool:
+        row = await self.db.fetchval("SELECT 1 FROM appservice_txn WHERE txn_id=$1", txn_id)
+        return row is not None
+
+    async def mark(self, txn_id: str) -> None:
+        now = int(time.time() * 1000)
+        await self.db.execute(
+            "INSERT INTO appservice_txn (txn_id, processed_at) VALUES ($1, $2) "
+            "ON CONFLICT (txn_id) DO NOTHING",
+            txn_id,
+            now,
+        )
+
+    async def prune(self) -> None:
+        cutoff = int(time.time() * 1000) - self.RETENTION_MS
+        await self.db.execute("DELETE FROM appservice_txn WHERE processed_at < $1", cutoff)

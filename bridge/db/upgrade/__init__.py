@@ -1,0 +1,15 @@
+"""The bridge's schema, one file per version. A fresh database jumps to the latest."""
+
+from __future__ import annotations
+
+import logging
+
+from mautrix.util.async_db import UpgradeTable
+
+upgrade_table = UpgradeTable(
+    version_table_name="cloakroom_version",
+    database_name="Cloakroom",
+    log=logging.getLogger("bridge.db.upgrade"),
+)
+
+from . import v01_initial  # noqa: E402,F401  (registers itself on upgrade_table)

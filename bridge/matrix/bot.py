@@ -1,0 +1,165 @@
+"""The bridge bot: joins when invited, makes its rooms encrypted, and answers commands."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+
+from mautrix.appservice import IntentAPI
+from mautrix.client.state_store.asyncpg import PgStateStore
+from mautrix.errors import IntentError, MForbidden
+from mautrix.types import (
+    EventType,
+    Format,
+    Membership,
+    MessageEvent,
+    MessageType,
+    RoomEncryptionStateEventContent,
+    RoomID,
+    EncryptionAlgorithm,
+    StateEvent,
+    TextMessageEventContent,
+)
+
+from ..crypto import CryptoAccount, EncryptedSender
+from ..permissions import Level, Permissions
+from .commands import CommandEvent, registry
+
+REFUSAL = (
+    "Sorry, you are not allowed to use Cloakroom on this homeserver. "
+    "If you think you should be, ask your homeserver admin."
+)
+
+
+class Bot:
+    def __init__(
+        self,
+        *,
+        intent: IntentAPI,
+        crypto: CryptoAccount,
+        sender: EncryptedSender,
+        state_store: PgStateStore,
+        permissions: Permissions,
+        command_prefix: str,
+        homeserver_address: str,
+        homeserver_domain: str,
+    ) -> None:
+        self.intent = intent
+        self.crypto = crypto
+        self.sender = sender
+        self.state_store = state_store
+        self.permissions = permissions
+        self.command_prefix = command_prefix
+        self.homeserver_address = homeserver_address
+        self.homeserver_domain = homeserver_domain
+        self.mxid = intent.mxid
+        self.log = logging.getLogger("bridge.mx.bot")
+
+    async def notice(self, room_id: RoomID, text: str, html_text: str | None = None) -> None:
+        content = TextMessageEventContent(msgtype=MessageType.NOTICE, body=text)
+        if html_text:
+            content.format = Format.HTML
+            content.formatted_body = html_text
+        await self.sender.send(self.intent, room_id, content)
+
+    # Invites ---------------------------------------------------------------------------------
+
+    async def handle_invite(self, evt: StateEvent) -> None:
+        log = self.log.getChild(evt.room_id)
+        if not self.permissions.is_user(evt.sender):
+            log.info("Rejecting invite from %s: not permitted", evt.sender)
+            await self.intent.leave_room(evt.room_id, reason=REFUSAL)
+            return
+        try:
+            await self._handle_invite(evt)
+        except Exception:
+            log.exception("Failed to handle invite from %s", evt.sender)
+            await self._tell_failure(evt.room_id)
+
+    async def _handle_invite(self, evt: StateEvent) -> None:
+        log = self.log.getChild(evt.room_id)
+        await self.intent.join_room_by_id(evt.room_id)
+        # Fills the state cache: members (for sharing keys), encryption and power levels.
+        await self.intent.get_state(evt.room_id)
+        log.info("Joined after an invite from %s", evt.sender)
+        if not await self.state_store.is_encrypted(evt.room_id):
+            await self._enable_encryption(evt.room_id)
+
+    async def _enable_encryption(self, room_id: RoomID) -> None:
+        content = RoomEncryptionStateEventContent(algorithm=EncryptionAlgorithm.MEGOLM_V1)
+        try:
+            await self.intent.send_state_event(room_id, EventType.ROOM_ENCRYPTION, content)
+        except (MForbidden, IntentError) as e:
+            # IntentError: mautrix checked the cached power levels before even trying.
+            self.log.getChild(room_id).info("Cannot enable encryption: %s", e)
+            await self.notice(
+                room_id,
+                "I couldn't turn on encryption here because I don't have permission to change "
+                "this room's settings. Please turn it on yourself: Room settings → Security & "
+                "Privacy → Encrypted. Until then, what I write here is not end-to-end encrypted.",
+            )
+            return
+        # The state store learns from the transaction too, but we may send before it arrives.
+        await self.state_store.set_encryption_info(room_id, content)
+        self.log.getChild(room_id).info("Enabled encryption")
+
+    # Messages --------------------------------------------------------------------------------
+
+    async def handle_message(self, evt: MessageEvent) -> None:
+        if evt.content.msgtype != MessageType.TEXT:
+            return  # notices are other bots; media are not commands
+        try:
+            await self._handle_message(evt)
+        except Exception:
+            self.log.getChild(evt.room_id).exception("Failed to handle a message from %s", evt.sender)
+            await self._tell_failure(evt.room_id)
+
+    async def _tell_failure(self, room_id: RoomID) -> None:
+        try:
+            await self.notice(room_id, "Something went wrong on my side; the logs have details.")
+        except Exception:
+            self.log.getChild(room_id).exception("Could not report the failure")
+
+    async def _handle_message(self, evt: MessageEvent) -> None:
+        text = _strip_reply_fallback(evt.content.body).strip()
+        if text.lower().startswith(self.command_prefix.lower()):
+            text = text[len(self.command_prefix) :].strip()
+        elif not await self._is_direct(evt.room_id):
+            return  # ordinary conversation in a shared room is not for us
+        if not text:
+            return
+        level = self.permissions.level(evt.sender)
+        if level < Level.USER:
+            await self.notice(evt.room_id, REFUSAL)
+            return
+        try:
+            name, *args = shlex.split(text)
+        except ValueError:
+            name, *args = text.split()
+        cmd = registry.get(name)
+        if cmd is None or level < cmd.level:
+            await self.notice(
+                evt.room_id, f"Unknown command {name!r}. Send `help` to see what I can do."
+            )
+            return
+        self.log.getChild(evt.room_id).debug("%s ran %s", evt.sender, cmd.name)
+        await cmd.handler(CommandEvent(self, evt.room_id, evt.sender, level, cmd.name, args))
+
+    async def _is_direct(self, room_id: RoomID) -> bool:
+        members = await self.state_store.get_members(room_id, memberships=(Membership.JOIN,))
+        return len(members) <= 2
+
+    async def tell_undecryptable(self, room_id: RoomID) -> None:
+        await self.notice(
+            room_id,
+            "⚠ I couldn't decrypt your last message: your client hasn't sent me its keys. "
+            "Check that your session is verified and try again.",
+        )
+
+
+def _strip_reply_fallback(body: str) -> str:
+    """Drop the quoted "> <@user> …" block older clients put in front of replies."""
+    lines = body.splitlines()
+    while lines and lines[0].startswith(">"):
+        lines.pop(0)
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Bot commands: small functions registered with their own help text."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+import html
+
+from mautrix.types import RoomID, UserID
+
+from .. import __version__
+from ..permissions import Level
+
+if TYPE_CHECKING:
+    from .bot import Bot
+
+
+@dataclass
+class CommandEvent:
+    bot: Bot
+    room_id: RoomID
+    sender: UserID
+    level: Level
+    name: str
+    args: list[str]
+
+    async def reply(self, text: str, html_text: str | None = None) -> None:
+        await self.bot.notice(self.room_id, text, html_text)
+
+
+Handler = Callable[[CommandEvent], Awaitable[None]]
+
+
+@dataclass
+class Command:
+    name: str
+    handler: Handler
+    help: str
+    usage: str = ""
+    level: Level = Level.USER
+
+
+@dataclass
+class CommandRegistry:
+    commands: dict[str, Command] = field(default_factory=dict)
+
+    def register(
+        self, name: str, help: str, usage: str = "", level: Level = Level.USER
+    ) -> Callable[[Handler], Handler]:
+        def decorator(fn: Handler) -> Handler:
+            self.commands[name] = Command(name, fn, help, usage, level)
+            return fn
+
+        return decorator
+
+    def get(self, name: str) -> Command | None:
+        return self.commands.get(name.lower())
+
+
+registry = CommandRegistry()
+command = registry.register
+
+
+@command("help", "Show this list of commands.")
+async def help_command(evt: CommandEvent) -> None:
+    lines = []
+    html_lines = []
+    for cmd in registry.commands.values():
+        if evt.level < cmd.level:
+            continue
+        usage = f"{cmd.name} {cmd.usage}".strip()
+        lines.append(f"• {usage} — {cmd.help}")
+        html_lines.append(f"<li><code>{html.escape(usage)}</code> — {html.escape(cmd.help)}</li>")
+    prefix = evt.bot.command_prefix
+    tail = f"In rooms with other people, start commands with {prefix}."
+    await evt.reply(
+        "Cloakroom commands:\n" + "\n".join(lines) + f"\n{tail}",
+        f"<p>Cloakroom commands:</p><ul>{''.join(html_lines)}</ul>"
+        f"<p>In rooms with other people, start commands with <code>{html.escape(prefix)}</code>."
+        "</p>",
+    )
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+@command("status", "Show the bridge version, its encryption device and this room's encryption.")
+async def status_command(evt: CommandEvent) -> None:
+    bot = evt.bot
+    cross_signed = await bot.crypto.is_cross_signed_on_server()
+    encrypted = bool(await bot.state_store.is_encrypted(evt.room_id))
+    rows = [
+        ("Version", f"Cloakroom {__version__}"),
+        ("Homeserver", f"{bot.homeserver_domain} ({bot.homeserver_address})"),
+        ("Bot device", bot.crypto.device_id),
+        ("Device cross-signed by the bot", _yes_no(cross_signed)),
+        ("This room is encrypted", _yes_no(encrypted)),
+    ]
+    await evt.reply(
+        "\n".join(f"{k}: {v}" for k, v in rows),
+        "<ul>"
+        + "".join(f"<li>{html.escape(k)}: <b>{html.escape(str(v))}</b></li>" for k, v in rows)
+        + "</ul>",
+    )

@@ -1,0 +1,104 @@
+"""Routing of Matrix events from appservice transactions. Routing only: work happens elsewhere."""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any
+import asyncio
+import logging
+
+from mautrix.errors import DecryptionError
+from mautrix.types import (
+    EncryptedEvent,
+    Event,
+    EventType,
+    Membership,
+    MessageEvent,
+    RoomID,
+    StateEvent,
+    UserID,
+)
+
+from ..crypto import EncryptedSender
+from .bot import Bot
+
+
+class RoomQueues:
+    """Runs work for one room strictly in arrival order, and rooms in parallel.
+
+    Transactions must be acknowledged quickly (a decryption may wait for keys that only a later
+    transaction brings), so work is queued rather than awaited, without losing per-room order.
+    """
+
+    def __init__(self) -> None:
+        self._tails: dict[RoomID, asyncio.Task[None]] = {}
+        self.log = logging.getLogger("bridge.mx.queue")
+
+    def submit(self, room_id: RoomID, work: Coroutine[Any, Any, None]) -> None:
+        previous = self._tails.get(room_id)
+        task = asyncio.create_task(self._run_after(previous, work))
+        self._tails[room_id] = task
+
+        def forget(t: asyncio.Task[None]) -> None:
+            if self._tails.get(room_id) is t:
+                del self._tails[room_id]
+
+        task.add_done_callback(forget)
+
+    async def _run_after(
+        self, previous: asyncio.Task[None] | None, work: Coroutine[Any, Any, None]
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        try:
+            await work
+        except Exception:
+            self.log.exception("Unhandled error in room work")
+
+    async def drain(self) -> None:
+        while self._tails:
+            await asyncio.wait(list(self._tails.values()))
+
+
+class MatrixHandler:
+    def __init__(self, bot: Bot, sender: EncryptedSender, ghost_prefix: str, domain: str) -> None:
+        self.bot = bot
+        self.sender = sender
+        self.queues = RoomQueues()
+        self._ghost_prefix = f"@{ghost_prefix}"
+        self._domain_suffix = f":{domain}"
+        self.log = logging.getLogger("bridge.mx")
+
+    def is_ours(self, user_id: UserID) -> bool:
+        """The bot or one of our ghosts: never react to our own events."""
+        return user_id == self.bot.mxid or (
+            user_id.startswith(self._ghost_prefix) and user_id.endswith(self._domain_suffix)
+        )
+
+    async def dispatch(self, evt: Event) -> None:
+        """Called in transaction order, after the state store has seen the event."""
+        if evt.type == EventType.ROOM_MEMBER:
+            await self._route_member(evt)
+        elif evt.type in (EventType.ROOM_MESSAGE, EventType.ROOM_ENCRYPTED):
+            if not self.is_ours(evt.sender):
+                self.queues.submit(evt.room_id, self._handle_message(evt))
+
+    async def _route_member(self, evt: StateEvent) -> None:
+        # Synchronous: the next message in this transaction must be encrypted for the new
+        # membership, so the outbound session is rotated before anything else happens.
+        await self.sender.handle_member_event(evt)
+        if evt.state_key == self.bot.mxid and evt.content.membership == Membership.INVITE:
+            self.queues.submit(evt.room_id, self.bot.handle_invite(evt))
+
+    async def _handle_message(self, evt: MessageEvent | EncryptedEvent) -> None:
+        if isinstance(evt, EncryptedEvent):
+            try:
+                evt = await self.sender.decrypt(evt)
+            except DecryptionError as e:
+                self.log.getChild(evt.room_id).warning(
+                    "Failed to decrypt %s from %s: %s", evt.event_id, evt.sender, e
+                )
+                await self.bot.tell_undecryptable(evt.room_id)
+                return
+        if evt.type == EventType.ROOM_MESSAGE:
+            await self.bot.handle_message(evt)
