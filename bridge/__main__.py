@@ -63,6 +63,14 @@ def generate_registration(args: argparse.Namespace) -> int:
         config = load_for_registration(args.config, os.environ)
     except ConfigError as e:
         return _fail(EXIT_CONFIG, f"config error in {args.config}: {e}")
+    for key in ("APPSERVICE__AS_TOKEN", "APPSERVICE__HS_TOKEN"):
+        if f"CLOAKROOM_{key}" in os.environ:
+            # The fresh tokens go to the file, but the environment would win at run time.
+            return _fail(
+                EXIT_CONFIG,
+                f"CLOAKROOM_{key} is set; unset it before generating a registration, "
+                "or the bridge would run with a token the homeserver does not know",
+            )
     if os.path.exists(args.registration) and not args.force:
         return _fail(
             EXIT_REGISTRATION_EXISTS,

@@ -15,7 +15,8 @@ from .config import Config
 def user_regex(template: str, domain: str) -> str:
     """The regex of every ghost localpart the template can produce, on our domain."""
     prefix, _, suffix = template.partition("{address}")
-    return f"@{re.escape(prefix)}.+{re.escape(suffix)}:{re.escape(domain)}"
+    # Anchored: Synapse matches from the start only, and @_email_x:ours.evil.org is not ours.
+    return f"@{re.escape(prefix)}.+{re.escape(suffix)}:{re.escape(domain)}$"
 
 
 def build(config: Config, as_token: str, hs_token: str) -> dict[str, Any]:
@@ -31,7 +32,7 @@ def build(config: Config, as_token: str, hs_token: str) -> dict[str, Any]:
         "rate_limited": False,
         "namespaces": {
             "users": [
-                {"regex": f"@{re.escape(bot)}:{re.escape(domain)}", "exclusive": True},
+                {"regex": f"@{re.escape(bot)}:{re.escape(domain)}$", "exclusive": True},
                 {
                     "regex": user_regex(config["bridge.username_template"], domain),
                     "exclusive": True,

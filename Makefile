@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: run test bench system-deps lint clean
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+
+# Reinstall only when the dependencies change.
+$(VENV)/.installed-%: pyproject.toml | $(VPY)
+	$(VPY) -m pip install --quiet --editable '.[$*]'
+	touch $@
+
+run: $(VENV)/.installed-quickstart
+	$(VPY) -m bridge.quickstart
+
+system-deps:
+	bash scripts/system-deps.sh
+
+test: $(VENV)/.installed-test system-deps
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VPY) -m pip install --quiet ruff
+	$(VPY) -m ruff check bridge tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,187 @@
+"""`make run`: a local Synapse with Cloakroom attached, and a demo user to log in with.
+
+Everything lives in one state directory (`.cloakroom/` by default); a second run reuses it.
+Ctrl-C stops the bridge, then Synapse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from ..__main__ import main as bridge_main
+from ..config import sample_text, write_values
+from .synapse import LocalSynapse, SynapseError
+
+DEMO_USER = "demo"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bridge.quickstart", description=__doc__)
+    parser.add_argument("--dir", default=".cloakroom", help="state directory (default .cloakroom)")
+    parser.add_argument("--hs-port", type=int, default=8008, help="Synapse port on 127.0.0.1")
+    parser.add_argument("--as-port", type=int, default=29400, help="bridge port on 127.0.0.1")
+    return parser.parse_args(argv)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        # As the servers themselves do: a port in TIME_WAIT after our last run is free to use.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _bridge_config(state: Path, hs_port: int, as_port: int) -> Path:
+    config = state / "config.yaml"
+    if not config.exists():
+        config.write_text(sample_text())
+        write_values(
+            config,
+            {
+                "homeserver.address": f"http://127.0.0.1:{hs_port}",
+                "homeserver.domain": "localhost",
+                "appservice.address": f"http://127.0.0.1:{as_port}",
+                "appservice.port": as_port,
+                "database": f"sqlite:{state / 'cloakroom.db'}",
+            },
+        )
+        code = bridge_main(["-c", str(config), "-g", "-r", str(state / "registration.yaml")])
+        if code:
+            raise SystemExit(code)
+    return config
+
+
+def _demo_account(state: Path, synapse: LocalSynapse) -> dict[str, Any]:
+    facts_path = state / "quickstart.json"
+    facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
+    if "password" not in facts:
+        password = secrets.token_urlsafe(12)
+        synapse.register_user(DEMO_USER, password)
+        facts["password"] = password
+    facts.update(
+        homeserver=synapse.url,
+        user_id=f"@{DEMO_USER}:{synapse.server_name}",
+        bot=f"@cloakroom:{synapse.server_name}",
+    )
+    fd = os.open(facts_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(facts, f, indent=2)
+    return facts
+
+
+def _start_bridge(config: Path, as_port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "-c", str(config)],
+            cwd=config.parent,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"The bridge exited with {proc.returncode}; see {log_path}")
+        try:
+            url = f"http://127.0.0.1:{as_port}/_matrix/mau/ready"
+            with urllib.request.urlopen(url, timeout=2):
+                return proc
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.3)
+    proc.terminate()
+    raise SystemExit(f"The bridge did not become ready within 60 s; see {log_path}")
+
+
+def _print_welcome(facts: dict[str, Any], state: Path) -> None:
+    print(
+        f"""
+Cloakroom is running.
+
+  Homeserver:  {facts['homeserver']}
+  User:        {facts['user_id']}
+  Password:    {facts['password']}
+  Bridge bot:  {facts['bot']}
+
+Log in with Element (Desktop, or Element Web in a browser on this machine): choose
+"Sign in", edit the homeserver to {facts['homeserver']}, and use the user and password above.
+Then start a direct chat with {facts['bot']} and send "help".
+
+These facts are also in {state / 'quickstart.json'}.
+Logs: {state / 'bridge.log'} and {state / 'synapse' / 'homeserver.log'}.
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    state = Path(args.dir).resolve()
+    state.mkdir(mode=0o700, exist_ok=True)
+    for port in (args.hs_port, args.as_port):
+        if not _port_free(port):
+            print(f"Port {port} on 127.0.0.1 is in use; stop what uses it or pick another "
+                  "with --hs-port/--as-port.", file=sys.stderr)
+            return 1
+    config = _bridge_config(state, args.hs_port, args.as_port)
+    synapse = LocalSynapse(
+        base_dir=state / "synapse",
+        port=args.hs_port,
+        registration_files=[state / "registration.yaml"],
+    )
+    stop = False
+
+    def on_signal(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    bridge: subprocess.Popen[bytes] | None = None
+    try:
+        synapse.prepare()
+        synapse.start()
+        bridge = _start_bridge(config, args.as_port, state / "bridge.log")
+        _print_welcome(_demo_account(state, synapse), state)
+        while not stop:
+            if bridge.poll() is not None:
+                print(f"The bridge exited with {bridge.returncode}; see {state / 'bridge.log'}",
+                      file=sys.stderr)
+                return 1
+            if synapse.process is None or synapse.process.poll() is not None:
+                print("Synapse exited; see its log.", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        print("Stopping…", flush=True)
+        return 0
+    except SynapseError as e:
+        print(e, file=sys.stderr)
+        return 1
+    finally:
+        if bridge is not None and bridge.poll() is None:
+            bridge.send_signal(signal.SIGTERM)
+            try:
+                bridge.wait(30)
+            except subprocess.TimeoutExpired:
+                bridge.kill()
+        synapse.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

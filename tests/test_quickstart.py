@@ -1,0 +1,95 @@
+"""`make run`'s program: a fresh Synapse and bridge, a demo user a real E2EE client can use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from nio import AsyncClient, AsyncClientConfig, LoginResponse
+
+from bridge.quickstart.synapse import free_port
+
+from .harness import from_sender, open_dm_with_bot, send_text, sync_until
+
+
+def _start(state: Path, hs_port: int, as_port: int) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge.quickstart", "--dir", str(state),
+         "--hs-port", str(hs_port), "--as-port", str(as_port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,  # no prompt may need an answer
+        text=True,
+    )
+    assert proc.stdout is not None
+    output = []
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        output.append(line)
+        if "Press Ctrl-C to stop." in line:
+            return proc, "".join(output)
+        assert time.monotonic() < deadline, "".join(output)
+    raise AssertionError(f"quickstart exited with {proc.wait()}:\n{''.join(output)}")
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGINT)
+    return proc.wait(60)
+
+
+async def _login(facts: dict[str, Any], store: Path) -> AsyncClient:
+    store.mkdir(parents=True, exist_ok=True)
+    client = AsyncClient(
+        facts["homeserver"], facts["user_id"], store_path=str(store),
+        config=AsyncClientConfig(encryption_enabled=True, store_sync_tokens=True),
+    )
+    resp = await client.login(facts["password"], device_name="quickstart-test")
+    assert isinstance(resp, LoginResponse), resp
+    if client.should_upload_keys:
+        await client.keys_upload()
+    await client.sync(timeout=0, full_state=True)
+    return client
+
+
+async def test_quickstart_brings_up_a_bot_a_client_can_talk_to(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    hs_port, as_port = free_port(), free_port()
+    proc, output = await asyncio.to_thread(_start, state, hs_port, as_port)
+    try:
+        facts = json.loads((state / "quickstart.json").read_text())
+        assert facts["homeserver"] == f"http://127.0.0.1:{hs_port}"
+        assert facts["user_id"] == "@demo:localhost"
+        assert facts["bot"] == "@cloakroom:localhost"
+        assert facts["password"] in output
+        assert (state / "quickstart.json").stat().st_mode & 0o077 == 0
+
+        client = await _login(facts, tmp_path / "nio")
+        try:
+            room_id = await open_dm_with_bot(client, facts["bot"])
+            await send_text(client, room_id, "help")
+            _, reply = await sync_until(client, from_sender(room_id, facts["bot"]))
+            assert reply.decrypted
+            assert "Cloakroom commands" in reply.body
+        finally:
+            await client.close()
+    finally:
+        code = await asyncio.to_thread(_stop, proc)
+    assert code == 0, "Ctrl-C did not stop the quickstart cleanly"
+
+    # A second run reuses the state: same account, nothing regenerated.
+    config_before = (state / "config.yaml").read_text()
+    proc, _ = await asyncio.to_thread(_start, state, hs_port, as_port)
+    try:
+        again = json.loads((state / "quickstart.json").read_text())
+        assert again["password"] == facts["password"]
+        assert (state / "config.yaml").read_text() == config_before
+        client = await _login(again, tmp_path / "nio2")
+        await client.close()
+    finally:
+        assert await asyncio.to_thread(_stop, proc) == 0
