@@ -1,33 +1,29 @@
 """Command line: ``python -m bridge`` (or ``cloakroom``).
 
-Exit codes: 0 ok, 2 bad arguments, 10 configuration error, 11 registration file exists,
-20 encryption set-up failed, 21 database error.
+Exit codes (bridge.exitcodes): 0 ok, 1 unexpected failure, 2 bad arguments, 10 configuration
+error, 11 registration file exists, 20 encryption set-up failed, 21 database error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import argparse
 import asyncio
 import logging.config
 import os
 import sys
+from collections.abc import Sequence
 
 from . import __version__
 from .config import (
     GENERATED_KEYS,
     PLACEHOLDER,
-    ConfigError,
     Config,
+    ConfigError,
     generate_secrets,
     load_for_registration,
     write_values,
 )
-
-EXIT_CONFIG = 10
-EXIT_REGISTRATION_EXISTS = 11
-EXIT_CRYPTO = 20
-EXIT_DATABASE = 21
+from .exitcodes import EXIT_CONFIG, EXIT_CRYPTO, EXIT_FAILURE, EXIT_REGISTRATION_EXISTS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -93,7 +89,7 @@ def generate_registration(args: argparse.Namespace) -> int:
 
 
 def run_bridge(args: argparse.Namespace) -> int:
-    from .app import Cloakroom
+    from .app import Cloakroom, StartupError
     from .crypto import CryptoSetupError
 
     try:
@@ -112,8 +108,14 @@ def run_bridge(args: argparse.Namespace) -> int:
     except CryptoSetupError as e:
         log.critical("Encryption set-up failed: %s", e)
         return EXIT_CRYPTO
+    except StartupError as e:
+        log.critical("%s", e)
+        return e.exit_code
     except KeyboardInterrupt:
         pass
+    except Exception:
+        log.critical("Cloakroom stopped because of an unexpected error", exc_info=True)
+        return EXIT_FAILURE
     return 0
 
 

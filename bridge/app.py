@@ -6,9 +6,11 @@ Owned here rather than inherited from mautrix.bridge, which is deprecated upstre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
+import yarl
 from aiohttp import ClientError
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.errors import MatrixConnectionError, MatrixRequestError
@@ -18,6 +20,7 @@ from . import __version__
 from .config import Config
 from .crypto import CryptoAccount, EncryptedSender
 from .db import TxnLog, open_database
+from .exitcodes import EXIT_DATABASE
 from .matrix.appservice import BridgeAppService
 from .matrix.bot import Bot
 from .matrix.handler import MatrixHandler
@@ -25,6 +28,21 @@ from .permissions import Permissions
 
 # The bridge waits this long at most between attempts to reach a homeserver that is down.
 MAX_RETRY_DELAY = 30
+# On shutdown, work already taken from transactions gets this long to finish.
+DRAIN_SECONDS = 15
+
+
+class StartupError(Exception):
+    """Start-up cannot continue; the message names what to fix."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _redact(url: str) -> str:
+    parsed = yarl.URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
 
 
 class Cloakroom:
@@ -34,13 +52,35 @@ class Cloakroom:
         self.db: Database | None = None
         self.az: BridgeAppService | None = None
         self.crypto: CryptoAccount | None = None
+        self.handler: MatrixHandler | None = None
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        cfg = self.config
         self.log.info("Cloakroom %s starting", __version__)
-        self.db = await open_database(cfg["database"])
+        await self._open_database()
         state_store = PgASStateStore(self.db)
+        await self._start_appservice(state_store)
+        await self._wait_for_homeserver()
+        intent = self.az.intent
+        await intent.ensure_registered()
+        await intent.set_displayname(self.config["appservice.bot_displayname"])
+        await self._start_crypto(state_store)
+        self._start_handlers(state_store)
+        await TxnLog(self.db).prune()
+        # From here on, transactions that waited for start-up are processed.
+        self.az.started.set()
+        self.az.ready = True
+        self.log.info("Cloakroom is running as %s", self.az.bot_mxid)
+
+    async def _open_database(self) -> None:
+        url = self.config["database"]
+        try:
+            self.db = await open_database(url)
+        except Exception as e:
+            raise StartupError(EXIT_DATABASE, f"database: cannot open {_redact(url)}: {e}") from e
+
+    async def _start_appservice(self, state_store: PgASStateStore) -> None:
+        cfg = self.config
         self.az = BridgeAppService(
             server=cfg["homeserver.address"],
             domain=cfg["homeserver.domain"],
@@ -57,11 +97,9 @@ class Cloakroom:
         )
         # The web server comes up first; transactions wait for `started` (see BridgeAppService).
         await self.az.start(cfg["appservice.hostname"], cfg["appservice.port"])
-        await self._wait_for_homeserver()
-        intent = self.az.intent
-        await intent.ensure_registered()
-        await intent.set_displayname(cfg["appservice.bot_displayname"])
 
+    async def _start_crypto(self, state_store: PgASStateStore) -> None:
+        cfg = self.config
         self.crypto = CryptoAccount(
             user_id=self.az.bot_mxid,
             homeserver=cfg["homeserver.address"],
@@ -72,14 +110,15 @@ class Cloakroom:
             device_name="Cloakroom bridge bot",
         )
         await self.crypto.start()
-        machine = self.crypto.machine
         self.az.otk_handler = self.crypto.handle_otk_counts
-        self.az.device_list_handler = machine.handle_as_device_lists
-        self.az.to_device_handler = machine.handle_as_to_device_event
+        self.az.device_list_handler = self.crypto.machine.handle_as_device_lists
+        self.az.to_device_handler = self.crypto.machine.handle_as_to_device_event
 
+    def _start_handlers(self, state_store: PgASStateStore) -> None:
+        cfg = self.config
         sender = EncryptedSender(self.crypto, state_store)
         bot = Bot(
-            intent=intent,
+            intent=self.az.intent,
             crypto=self.crypto,
             sender=sender,
             state_store=state_store,
@@ -91,10 +130,6 @@ class Cloakroom:
         ghost_prefix = cfg["bridge.username_template"].partition("{address}")[0]
         self.handler = MatrixHandler(bot, sender, ghost_prefix, cfg["homeserver.domain"])
         self.az.matrix_event_handler(self.handler.dispatch)
-        await TxnLog(self.db).prune()
-        self.az.started.set()
-        self.az.ready = True
-        self.log.info("Cloakroom is running as %s", self.az.bot_mxid)
 
     async def _wait_for_homeserver(self) -> None:
         delay = 1.0
@@ -115,9 +150,14 @@ class Cloakroom:
     async def stop(self) -> None:
         self.log.info("Stopping")
         if self.az:
+            await self.az.stop_server()
+        if self.handler:
+            try:
+                await asyncio.wait_for(self.handler.queues.drain(), DRAIN_SECONDS)
+            except TimeoutError:
+                self.log.warning("Gave up waiting for room work after %d s", DRAIN_SECONDS)
+        if self.az:
             await self.az.stop()
-        if getattr(self, "handler", None):
-            await self.handler.queues.drain()
         if self.crypto:
             await self.crypto.close()
         if self.db:
@@ -130,8 +170,18 @@ class Cloakroom:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
+        starting = asyncio.create_task(self.start())
+        stopping = asyncio.create_task(self._stopping.wait())
         try:
-            await self.start()
-            await self._stopping.wait()
+            # A stop request must also interrupt a start-up that waits for the homeserver.
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()
+                await stopping
+            else:
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
         finally:
+            stopping.cancel()
             await self.stop()

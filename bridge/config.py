@@ -7,19 +7,19 @@ start-up with a :class:`ConfigError` that names the key, so the admin knows what
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
-from importlib import resources
-from pathlib import Path
-from typing import Any
 import copy
 import io
 import os
 import secrets
+from collections.abc import Iterator, Mapping, MutableMapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
+import yarl
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
-import yarl
 
 ENV_PREFIX = "CLOAKROOM_"
 PLACEHOLDER = "This value is generated"
@@ -226,7 +226,8 @@ class Config:
             if url.scheme not in ("http", "https") or not url.host:
                 raise ConfigError(key, f"must be an http(s) URL, got {self[key]!r}")
         if not 0 < self["appservice.port"] < 65536:
-            raise ConfigError("appservice.port", f"must be a TCP port, got {self['appservice.port']}")
+            port = self["appservice.port"]
+            raise ConfigError("appservice.port", f"must be a TCP port, got {port}")
         try:
             scheme = yarl.URL(self["database"]).scheme
         except ValueError as e:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
 import os
 import re
+from pathlib import Path
+from typing import Any
 
 from ruamel.yaml import YAML
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
-from ruamel.yaml import YAML
 import pytest
+from ruamel.yaml import YAML
 
 from bridge.config import write_values
 from bridge.quickstart.synapse import LocalSynapse, free_port
 
 from .harness import BridgeProcess, Env
-
 
 
 def _write_bridge_config(base: Path, hs_url: str, as_port: int) -> Path:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
 import asyncio
+from typing import Any
 
+import pytest
 from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
-import pytest
 
 from .harness import Env, from_sender, open_dm_with_bot, send_text, sync_until
 

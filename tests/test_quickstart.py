@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
 import asyncio
 import json
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from nio import AsyncClient, AsyncClientConfig, LoginResponse
 

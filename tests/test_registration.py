@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
 import os
 import re
 import stat
+from pathlib import Path
+from typing import Any
 
 import pytest
 from ruamel.yaml import YAML

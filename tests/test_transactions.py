@@ -7,10 +7,10 @@ before the answer to the valid message sent after it.
 
 from __future__ import annotations
 
-from typing import Any
 import asyncio
 import secrets
 import time
+from typing import Any
 
 from .harness import Env, from_sender, open_dm_with_bot, put_transaction, sync_until
 

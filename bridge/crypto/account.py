@@ -10,7 +10,9 @@ import logging
 import secrets
 import string
 
+import olm
 from mautrix.client import Client
+from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.crypto import OlmMachine, PgCryptoStore
 from mautrix.crypto.signature import verify_signature_json
 from mautrix.errors import MatrixError
@@ -23,8 +25,6 @@ from mautrix.types import (
     UserID,
 )
 from mautrix.util.async_db import Database
-from mautrix.client.state_store.asyncpg import PgStateStore
-import olm
 
 from ..db import BridgeState
 

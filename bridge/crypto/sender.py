@@ -6,13 +6,13 @@ are always encrypted" is enforced in one place rather than remembered at every c
 
 from __future__ import annotations
 
-from typing import Any
 import asyncio
 import logging
+from typing import Any
 
 from mautrix.appservice import IntentAPI
 from mautrix.client.state_store.asyncpg import PgStateStore
-from mautrix.errors import EncryptionError, SessionNotFound
+from mautrix.errors import EncryptionError, MNotFound, SessionNotFound
 from mautrix.types import (
     EncryptedEvent,
     EventID,
@@ -48,10 +48,22 @@ class EncryptedSender:
         txn_id: str | None = None,
     ) -> EventID:
         """Send an event, encrypted whenever the room is encrypted."""
-        if await self.state_store.is_encrypted(room_id):
+        if await self.is_encrypted(intent, room_id):
             content = await self._encrypt(room_id, event_type, content)
             event_type = EventType.ROOM_ENCRYPTED
         return await intent.send_message_event(room_id, event_type, content, txn_id=txn_id)
+
+    async def is_encrypted(self, intent: IntentAPI, room_id: RoomID) -> bool:
+        encrypted = await self.state_store.is_encrypted(room_id)
+        if encrypted is None:
+            # Not cached yet: ask the homeserver rather than guess "plaintext". Errors other
+            # than "no such state" propagate, so nothing is sent in the clear by accident.
+            try:
+                await intent.get_state_event(room_id, EventType.ROOM_ENCRYPTION)
+            except MNotFound:
+                return False
+            encrypted = await self.state_store.is_encrypted(room_id)
+        return bool(encrypted)
 
     async def _encrypt(
         self, room_id: RoomID, event_type: EventType, content: Serializable | dict[str, Any]

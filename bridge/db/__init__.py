@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import logging
 
+import mautrix.util.async_db.aiosqlite  # noqa: F401  (registers the sqlite scheme)
+import mautrix.util.async_db.asyncpg  # noqa: F401  (registers the postgres scheme)
 from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.crypto import PgCryptoStore
 from mautrix.util.async_db import Database
-import mautrix.util.async_db.aiosqlite  # noqa: F401  (registers the sqlite scheme)
-import mautrix.util.async_db.asyncpg  # noqa: F401  (registers the postgres scheme)
 
 from .state import BridgeState, TxnLog
 from .upgrade import upgrade_table
@@ -27,7 +27,9 @@ async def open_database(url: str) -> Database:
         log=logging.getLogger("bridge.db"),
         # mautrix turns WAL on with synchronous=NORMAL, which can lose the last commits on power
         # loss; the bridge acknowledges mail only after a commit, so it must really be on disk.
-        db_args={"init_commands": ["PRAGMA synchronous = FULL"]} if url.startswith("sqlite") else None,
+        db_args={"init_commands": ["PRAGMA synchronous = FULL"]}
+        if url.startswith("sqlite")
+        else None,
     )
     await db.start()
     await PgStateStore.upgrade_table.upgrade(db)

@@ -12,10 +12,10 @@ mautrix's AppService does the parsing; this subclass tightens what it accepts:
 
 from __future__ import annotations
 
-from typing import Any
 import asyncio
 import hmac
 import json
+from typing import Any
 
 from aiohttp import web
 from mautrix.appservice import AppService
@@ -38,6 +38,14 @@ class BridgeAppService(AppService):
         # dispatcher hands slow work to per-room queues itself (see matrix.handler).
         self.synchronous_handlers = True
         self._txn_lock = asyncio.Lock()
+        self.runner: web.AppRunner | None = None
+
+    async def stop_server(self) -> None:
+        """Stop taking transactions; HTTP to the homeserver keeps working until stop()."""
+        self.ready = False
+        if self.runner:
+            await self.runner.cleanup()
+            self.runner = None
 
     def _token_of(self, request: web.Request) -> str | None:
         header = request.headers.get("Authorization", "")

@@ -9,6 +9,7 @@ from mautrix.appservice import IntentAPI
 from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.errors import IntentError, MForbidden
 from mautrix.types import (
+    EncryptionAlgorithm,
     EventType,
     Format,
     Membership,
@@ -16,7 +17,6 @@ from mautrix.types import (
     MessageType,
     RoomEncryptionStateEventContent,
     RoomID,
-    EncryptionAlgorithm,
     StateEvent,
     TextMessageEventContent,
 )
@@ -103,6 +103,16 @@ class Bot:
         await self.state_store.set_encryption_info(room_id, content)
         self.log.getChild(room_id).info("Enabled encryption")
 
+    async def handle_member_left(self, evt: StateEvent) -> None:
+        """Leave rooms where nobody else is left: an empty DM is of no use to anyone."""
+        try:
+            joined = await self.state_store.get_members(evt.room_id, memberships=(Membership.JOIN,))
+            if joined == [self.mxid]:
+                self.log.getChild(evt.room_id).info("Everyone else left; leaving too")
+                await self.intent.leave_room(evt.room_id)
+        except Exception:
+            self.log.getChild(evt.room_id).exception("Failed to leave an empty room")
+
     # Messages --------------------------------------------------------------------------------
 
     async def handle_message(self, evt: MessageEvent) -> None:
@@ -111,7 +121,8 @@ class Bot:
         try:
             await self._handle_message(evt)
         except Exception:
-            self.log.getChild(evt.room_id).exception("Failed to handle a message from %s", evt.sender)
+            log = self.log.getChild(evt.room_id)
+            log.exception("Failed to handle a message from %s", evt.sender)
             await self._tell_failure(evt.room_id)
 
     async def _tell_failure(self, room_id: RoomID) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-import html
 
 from mautrix.types import RoomID, UserID
 
@@ -90,7 +90,7 @@ def _yes_no(value: bool) -> str:
 async def status_command(evt: CommandEvent) -> None:
     bot = evt.bot
     cross_signed = await bot.crypto.is_cross_signed_on_server()
-    encrypted = bool(await bot.state_store.is_encrypted(evt.room_id))
+    encrypted = await bot.sender.is_encrypted(bot.intent, evt.room_id)
     rows = [
         ("Version", f"Cloakroom {__version__}"),
         ("Homeserver", f"{bot.homeserver_domain} ({bot.homeserver_address})"),

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from typing import Any
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from mautrix.errors import DecryptionError
 from mautrix.types import (
@@ -87,8 +87,11 @@ class MatrixHandler:
         # Synchronous: the next message in this transaction must be encrypted for the new
         # membership, so the outbound session is rotated before anything else happens.
         await self.sender.handle_member_event(evt)
-        if evt.state_key == self.bot.mxid and evt.content.membership == Membership.INVITE:
+        membership = evt.content.membership
+        if evt.state_key == self.bot.mxid and membership == Membership.INVITE:
             self.queues.submit(evt.room_id, self.bot.handle_invite(evt))
+        elif evt.state_key != self.bot.mxid and membership in (Membership.LEAVE, Membership.BAN):
+            self.queues.submit(evt.room_id, self.bot.handle_member_left(evt))
 
     async def _handle_message(self, evt: MessageEvent | EncryptedEvent) -> None:
         if isinstance(evt, EncryptedEvent):

@@ -6,9 +6,6 @@ Ctrl-C stops the bridge, then Synapse.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 import argparse
 import json
 import os
@@ -20,6 +17,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from ..__main__ import main as bridge_main
 from ..config import sample_text, write_values

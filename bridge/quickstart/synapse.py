@@ -6,9 +6,6 @@ event loop, and it must not import anything of Synapse's into our process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 import hashlib
 import hmac
 import json
@@ -18,6 +15,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from ruamel.yaml import YAML
 
@@ -149,7 +149,8 @@ class LocalSynapse:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SynapseError(f"Synapse exited with {self.process.returncode}:\n{self._tail()}")
+                code = self.process.returncode
+                raise SynapseError(f"Synapse exited with {code}:\n{self._tail()}")
             try:
                 self.request("GET", "/_matrix/client/versions")
                 return
