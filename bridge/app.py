@@ -30,6 +30,8 @@ from .permissions import Permissions
 MAX_RETRY_DELAY = 30
 # On shutdown, work already taken from transactions gets this long to finish.
 DRAIN_SECONDS = 15
+# Finished transaction ids are forgotten after TxnLog.RETENTION_MS; check this often.
+PRUNE_INTERVAL = 6 * 3600
 
 
 class StartupError(Exception):
@@ -54,6 +56,7 @@ class Cloakroom:
         self.crypto: CryptoAccount | None = None
         self.handler: MatrixHandler | None = None
         self._stopping = asyncio.Event()
+        self._prune_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.log.info("Cloakroom %s starting", __version__)
@@ -66,7 +69,7 @@ class Cloakroom:
         await intent.set_displayname(self.config["appservice.bot_displayname"])
         await self._start_crypto(state_store)
         self._start_handlers(state_store)
-        await TxnLog(self.db).prune()
+        self._prune_task = asyncio.create_task(self._prune_transactions())
         # From here on, transactions that waited for start-up are processed.
         self.az.started.set()
         self.az.ready = True
@@ -131,6 +134,15 @@ class Cloakroom:
         self.handler = MatrixHandler(bot, sender, ghost_prefix, cfg["homeserver.domain"])
         self.az.matrix_event_handler(self.handler.dispatch)
 
+    async def _prune_transactions(self) -> None:
+        txn_log = TxnLog(self.db)
+        while True:
+            try:
+                await txn_log.prune()
+            except Exception:
+                self.log.exception("Failed to prune the transaction log")
+            await asyncio.sleep(PRUNE_INTERVAL)
+
     async def _wait_for_homeserver(self) -> None:
         delay = 1.0
         while True:
@@ -149,6 +161,8 @@ class Cloakroom:
 
     async def stop(self) -> None:
         self.log.info("Stopping")
+        if self._prune_task:
+            self._prune_task.cancel()
         if self.az:
             await self.az.stop_server()
         if self.handler:

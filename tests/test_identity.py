@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
 import pytest
 from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
+
+from bridge.crypto.sealed import unseal
 
 from .harness import Env, from_sender, open_dm_with_bot, send_text, sync_until
 
@@ -87,3 +90,19 @@ async def test_restart_keeps_device_and_both_directions_decrypt(running: Env) ->
     await send_text(bob, bob_room, "help")
     _, reply = await sync_until(bob, from_sender(bob_room, running.bot_mxid))
     assert reply.decrypted
+
+
+async def test_recovery_key_is_sealed_in_the_database_and_never_logged(running: Env) -> None:
+    db_path = running.base_dir / "bridge.db"
+    assert db_path.stat().st_mode & 0o077 == 0, "the bridge database is readable by others"
+    with sqlite3.connect(db_path) as conn:
+        (sealed,) = conn.execute(
+            "SELECT value FROM bridge_state WHERE key=?",
+            (f"crypto:{running.bot_mxid}:recovery_key",),
+        ).fetchone()
+    recovery_key = unseal(running.config["encryption"]["pickle_key"], "recovery_key", sealed)
+    assert len(recovery_key.replace(" ", "")) >= 40  # base58 of a 32-byte key plus header
+    assert recovery_key not in sealed
+    log = running.bridge.log_path.read_text(errors="replace")
+    for form in (recovery_key, recovery_key.replace(" ", "")):
+        assert form not in log, "the recovery key was logged"

@@ -27,6 +27,7 @@ from mautrix.types import (
 from mautrix.util.async_db import Database
 
 from ..db import BridgeState
+from .sealed import seal
 
 
 class CryptoSetupError(Exception):
@@ -59,6 +60,7 @@ class CryptoAccount:
         # The client authenticates with the as_token and masquerades as the user (and, once the
         # device exists, as the device: MSC4190/MSC3202 identity assertion).
         self.client = Client(base_url=homeserver, mxid=user_id, token=as_token, log=self.log)
+        self._pickle_key = pickle_key
         self.store = PgCryptoStore(user_id, pickle_key, db)
         self.machine = OlmMachine(self.client, self.store, state_store, log=self.log)
 
@@ -118,8 +120,12 @@ class CryptoAccount:
         # Publishes master, self-signing and user-signing keys (stored in SSSS under the
         # recovery key) and signs our device, so clients show it as verified by its owner.
         recovery_key = await self.machine.generate_recovery_key()
-        # Kept in the database, never logged: it unlocks the identity's private keys.
-        await self.state.set(f"{self._state_prefix}:recovery_key", recovery_key)
+        # Kept in the database, sealed with the pickle key, never logged: it unlocks the
+        # identity's private keys (an admin can use it to recover the bot's identity).
+        await self.state.set(
+            f"{self._state_prefix}:recovery_key",
+            seal(self._pickle_key, "recovery_key", recovery_key),
+        )
         self.log.info("Published cross-signing keys and signed device %s", self.device_id)
 
     async def is_cross_signed_on_server(self) -> bool:

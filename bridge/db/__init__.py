@@ -5,10 +5,13 @@ SQLite by default (``sqlite:PATH``), PostgreSQL by URI (``postgres://…``), wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 import mautrix.util.async_db.aiosqlite  # noqa: F401  (registers the sqlite scheme)
 import mautrix.util.async_db.asyncpg  # noqa: F401  (registers the postgres scheme)
+import yarl
 from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.crypto import PgCryptoStore
 from mautrix.util.async_db import Database
@@ -17,6 +20,13 @@ from .state import BridgeState, TxnLog
 from .upgrade import upgrade_table
 
 __all__ = ["BridgeState", "TxnLog", "open_database", "upgrade_table"]
+
+
+def _restrict_sqlite_files(path: str) -> None:
+    """The database holds encrypted keys and sealed secrets: readable by its owner only."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.chmod(path + suffix, 0o600)
 
 
 async def open_database(url: str) -> Database:
@@ -32,6 +42,8 @@ async def open_database(url: str) -> Database:
         else None,
     )
     await db.start()
+    if url.startswith("sqlite"):
+        _restrict_sqlite_files(yarl.URL(url).path)
     await PgStateStore.upgrade_table.upgrade(db)
     await PgCryptoStore.upgrade_table.upgrade(db)
     return db

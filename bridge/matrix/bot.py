@@ -15,6 +15,7 @@ from mautrix.types import (
     Membership,
     MessageEvent,
     MessageType,
+    RelationType,
     RoomEncryptionStateEventContent,
     RoomID,
     StateEvent,
@@ -118,6 +119,9 @@ class Bot:
     async def handle_message(self, evt: MessageEvent) -> None:
         if evt.content.msgtype != MessageType.TEXT:
             return  # notices are other bots; media are not commands
+        relates_to = evt.content.relates_to
+        if relates_to and relates_to.rel_type == RelationType.REPLACE:
+            return  # an edit of an earlier message does not run its command again
         try:
             await self._handle_message(evt)
         except Exception:
