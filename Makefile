@@ -24,6 +24,10 @@ system-deps:
 test: $(VENV)/.installed-test system-deps
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+# Performance is measured here, as ratios against a baseline in the same run; never in tests.
+bench: $(VENV)/.installed-test
+	$(VPY) -m bench.inbound $(BENCH_ARGS)
+
 lint: $(VENV)/.installed-test
 	$(VPY) -m pip install --quiet ruff
 	$(VPY) -m ruff check bridge tests

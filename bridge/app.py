@@ -13,18 +13,21 @@ import signal
 import yarl
 from aiohttp import ClientError
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
-from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MNotFound
+from mautrix.types import UserID
 from mautrix.util.async_db import Database
 
 from . import __version__
 from .config import Config
 from .crypto import CryptoAccount, EncryptedSender
 from .db import TxnLog, open_database
+from .email.inbound import InboundMail
 from .exitcodes import EXIT_DATABASE
 from .matrix.appservice import BridgeAppService
 from .matrix.bot import Bot
 from .matrix.handler import MatrixHandler
 from .permissions import Permissions
+from .portal import Ghosts, GhostStore, PortalManager
 
 # The bridge waits this long at most between attempts to reach a homeserver that is down.
 MAX_RETRY_DELAY = 30
@@ -55,6 +58,7 @@ class Cloakroom:
         self.az: BridgeAppService | None = None
         self.crypto: CryptoAccount | None = None
         self.handler: MatrixHandler | None = None
+        self.inbound: InboundMail | None = None
         self._stopping = asyncio.Event()
         self._prune_task: asyncio.Task[None] | None = None
 
@@ -69,6 +73,7 @@ class Cloakroom:
         await intent.set_displayname(self.config["appservice.bot_displayname"])
         await self._start_crypto(state_store)
         self._start_handlers(state_store)
+        await self._start_email(state_store)
         self._prune_task = asyncio.create_task(self._prune_transactions())
         # From here on, transactions that waited for start-up are processed.
         self.az.started.set()
@@ -119,13 +124,14 @@ class Cloakroom:
 
     def _start_handlers(self, state_store: PgASStateStore) -> None:
         cfg = self.config
-        sender = EncryptedSender(self.crypto, state_store)
+        self.sender = sender = EncryptedSender(self.crypto, state_store)
+        self.permissions = Permissions(cfg["permissions"], cfg["homeserver.domain"])
         bot = Bot(
             intent=self.az.intent,
             crypto=self.crypto,
             sender=sender,
             state_store=state_store,
-            permissions=Permissions(cfg["permissions"], cfg["homeserver.domain"]),
+            permissions=self.permissions,
             command_prefix=cfg["bridge.command_prefix"],
             homeserver_address=cfg["homeserver.address"],
             homeserver_domain=cfg["homeserver.domain"],
@@ -133,6 +139,55 @@ class Cloakroom:
         ghost_prefix = cfg["bridge.username_template"].partition("{address}")[0]
         self.handler = MatrixHandler(bot, sender, ghost_prefix, cfg["homeserver.domain"])
         self.az.matrix_event_handler(self.handler.dispatch)
+
+    async def _start_email(self, state_store: PgASStateStore) -> None:
+        cfg = self.config
+        ghosts = Ghosts(
+            intent_for=self.az.intent.user,
+            store=GhostStore(self.db),
+            template=cfg["bridge.username_template"],
+            domain=cfg["homeserver.domain"],
+        )
+        portals = PortalManager(
+            db=self.db,
+            bot=self.az.intent,
+            ghosts=ghosts,
+            sender=self.sender,
+            state_store=state_store,
+            email_domain=cfg.email_domain,
+            collapse_quotes=cfg["email.collapse_quotes"],
+        )
+        ghost_prefix = cfg["bridge.username_template"].partition("{address}")[0]
+        self.inbound = InboundMail(
+            config=cfg,
+            db=self.db,
+            portals=portals,
+            permissions=self.permissions,
+            user_exists=self._user_exists,
+            is_reserved_localpart=lambda lp: lp == cfg["appservice.bot_username"]
+            or lp.startswith(ghost_prefix),
+        )
+        await self.inbound.start()
+
+    async def _user_exists(self, user_id: str) -> bool | None:
+        """Whether a local Matrix user exists, for RCPT checks; None when we cannot tell now."""
+        try:
+            await self.az.intent.get_profile(UserID(user_id))
+            return True
+        except MNotFound:
+            return False
+        except MForbidden:
+            # Profile lookups restricted to users sharing a room: the user exists.
+            return True
+        except MatrixRequestError as e:
+            if e.http_status == 404:
+                # Synapse answers 404 with M_NOT_FOUND or M_UNKNOWN ("No row found").
+                return False
+            self.log.warning("Could not check whether %s exists: %r", user_id, e)
+            return None
+        except (MatrixConnectionError, ClientError, OSError) as e:
+            self.log.warning("Could not check whether %s exists: %r", user_id, e)
+            return None
 
     async def _prune_transactions(self) -> None:
         txn_log = TxnLog(self.db)
@@ -163,6 +218,8 @@ class Cloakroom:
         self.log.info("Stopping")
         if self._prune_task:
             self._prune_task.cancel()
+        if self.inbound:
+            await self.inbound.stop()
         if self.az:
             await self.az.stop_server()
         if self.handler:

@@ -245,8 +245,32 @@ class Config:
                     f"permissions.{pattern}",
                     f"unknown level {level!r}; use one of {', '.join(PERMISSION_LEVELS)}",
                 )
+        self._validate_email()
         if self["logging"].get("version") != 1:
             raise ConfigError("logging.version", "must be 1 (logging.config.dictConfig schema)")
+
+    def _validate_email(self) -> None:
+        if self["email.listen.protocol"] not in ("smtp", "lmtp"):
+            raise ConfigError("email.listen.protocol", "must be smtp or lmtp")
+        if bool(self["email.listen.tls_cert"]) != bool(self["email.listen.tls_key"]):
+            raise ConfigError("email.listen.tls_key", "tls_cert and tls_key go together")
+        for key in ("email.listen.port", "email.auth.dns_port"):
+            if not 0 < self[key] < 65536:
+                raise ConfigError(key, f"must be a TCP/UDP port, got {self[key]}")
+        for key in (
+            "email.max_size",
+            "email.max_recipients",
+            "email.auth.dns_timeout",
+            "email.rate_limit.per_sender_per_hour",
+            "email.rate_limit.per_recipient_per_hour",
+            "email.delivery.give_up_after_hours",
+        ):
+            if self[key] <= 0:
+                raise ConfigError(key, f"must be positive, got {self[key]}")
+
+    @property
+    def email_domain(self) -> str:
+        return self["email.domain"] or self["homeserver.domain"]
 
     def __getitem__(self, key: str) -> Any:
         return _get(self._data, key)

@@ -2,68 +2,21 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
 
-from bridge.config import write_values
-from bridge.quickstart.synapse import LocalSynapse, free_port
-
-from .harness import BridgeProcess, Env
-
-
-def _write_bridge_config(base: Path, hs_url: str, as_port: int) -> Path:
-    config = base / "config.yaml"
-    config.write_text((Path(__file__).parent.parent / "config.sample.yaml").read_text())
-    write_values(
-        config,
-        {
-            "homeserver.address": hs_url,
-            "homeserver.domain": "localhost",
-            "appservice.address": f"http://127.0.0.1:{as_port}",
-            "appservice.port": as_port,
-            "database": f"sqlite:{base / 'bridge.db'}",
-            "permissions": {
-                "localhost": "user",
-                "@outsider:localhost": "none",
-                "@outsider2:localhost": "none",
-            },
-        },
-    )
-    # The registration comes from the bridge's own CLI, exactly as an admin would make it.
-    subprocess.run(
-        [sys.executable, "-m", "bridge", "-c", str(config), "-g", "-r", str(base / "reg.yaml")],
-        check=True,
-        cwd=base,
-    )
-    return config
+from .harness import Env
+from .stack import start_stack, stop_stack
 
 
 @pytest.fixture(scope="session")
 def synapse_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    base = tmp_path_factory.mktemp("cloakroom")
-    hs_port, as_port = free_port(), free_port()
-    config_path = _write_bridge_config(base, f"http://127.0.0.1:{hs_port}", as_port)
-    synapse = LocalSynapse(
-        base_dir=base / "synapse",
-        port=hs_port,
-        registration_files=[base / "reg.yaml"],
-        relaxed_rate_limits=True,
-    )
-    synapse.prepare()
-    synapse.start()
-    bridge = BridgeProcess(config_path, as_port, base / "bridge.log")
-    config = YAML(typ="safe").load(config_path.read_text())
-    env = Env(synapse, bridge, config, base, bot_mxid="@cloakroom:localhost")
+    env = start_stack(tmp_path_factory.mktemp("cloakroom"))
     try:
         yield env
     finally:
-        bridge.stop()
-        synapse.stop()
+        stop_stack(env)
 
 
 @pytest.fixture(scope="session")

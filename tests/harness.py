@@ -24,8 +24,10 @@ from nio import (
     InviteMemberEvent,
     LoginResponse,
     MegolmEvent,
+    MessageDirection,
     RoomCreateResponse,
     RoomMemberEvent,
+    RoomMessagesResponse,
     SyncResponse,
 )
 from nio.api import RoomPreset
@@ -105,6 +107,9 @@ class Env:
     config: dict[str, Any]
     base_dir: Path
     bot_mxid: str
+    smtp_port: int = 0
+    max_recipients: int = 0
+    dns: Any = None  # tests.dnsserver.DnsServer: the bridge's DNS
     clients: list[AsyncClient] = field(default_factory=list)
 
     @property
@@ -232,3 +237,55 @@ def put_transaction(env: Env, txn_id: str, body: bytes | dict[str, Any],
             return resp.status
     except urllib.error.HTTPError as e:
         return e.code
+
+
+async def accept_invite(
+    client: AsyncClient, predicate: Callable[[str], bool] | None = None, timeout: float = 60
+) -> str:
+    """Wait for an invite (optionally to a room matching predicate), join it, return the room."""
+    room_id, _ = await sync_until(
+        client,
+        lambda rid, e: isinstance(e, InviteMemberEvent)
+        and e.state_key == client.user_id
+        and e.membership == "invite"
+        and (predicate is None or predicate(rid)),
+        timeout=timeout,
+    )
+    await client.join(room_id)
+    await sync_until(
+        client,
+        lambda rid, e: rid == room_id
+        and isinstance(e, RoomMemberEvent)
+        and e.state_key == client.user_id
+        and e.membership == "join",
+    )
+    return room_id
+
+
+async def room_history(client: AsyncClient, room_id: str, limit: int = 500) -> list[Event]:
+    """The room's timeline, oldest first, with Megolm events decrypted where nio can."""
+    await client.sync(timeout=0)
+    resp = await client.room_messages(
+        room_id, start=client.next_batch, direction=MessageDirection.back, limit=limit
+    )
+    assert isinstance(resp, RoomMessagesResponse), resp
+    events = []
+    for event in reversed(resp.chunk):
+        if isinstance(event, MegolmEvent):
+            decrypted = client.decrypt_event(event)
+            event = decrypted if not isinstance(decrypted, MegolmEvent) else event
+        events.append(event)
+    return events
+
+
+async def wait_for_event(
+    client: AsyncClient, room_id: str, predicate: Callable[[Event], bool], timeout: float = 60
+) -> Event:
+    """Poll the room's history (not just new syncs) until an event matches."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in await room_history(client, room_id):
+            if predicate(event):
+                return event
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"no matching event in {room_id} within {timeout} s")

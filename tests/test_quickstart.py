@@ -15,13 +15,22 @@ from nio import AsyncClient, AsyncClientConfig, LoginResponse
 
 from bridge.quickstart.synapse import free_port
 
-from .harness import from_sender, open_dm_with_bot, send_text, sync_until
+from .harness import (
+    accept_invite,
+    from_sender,
+    open_dm_with_bot,
+    send_text,
+    sync_until,
+    wait_for_event,
+)
+from .mail import make_mail, send, unique
 
 
-def _start(state: Path, hs_port: int, as_port: int) -> tuple[subprocess.Popen[str], str]:
+def _start(state: Path, ports: tuple[int, int, int]) -> tuple[subprocess.Popen[str], str]:
+    hs_port, as_port, smtp_port = ports
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge.quickstart", "--dir", str(state),
-         "--hs-port", str(hs_port), "--as-port", str(as_port)],
+         "--hs-port", str(hs_port), "--as-port", str(as_port), "--smtp-port", str(smtp_port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,  # no prompt may need an answer
@@ -59,13 +68,15 @@ async def _login(facts: dict[str, Any], store: Path) -> AsyncClient:
 
 async def test_quickstart_brings_up_a_bot_a_client_can_talk_to(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    hs_port, as_port = free_port(), free_port()
-    proc, output = await asyncio.to_thread(_start, state, hs_port, as_port)
+    ports = hs_port, _, smtp_port = free_port(), free_port(), free_port()
+    proc, output = await asyncio.to_thread(_start, state, ports)
     try:
         facts = json.loads((state / "quickstart.json").read_text())
         assert facts["homeserver"] == f"http://127.0.0.1:{hs_port}"
         assert facts["user_id"] == "@demo:localhost"
         assert facts["bot"] == "@cloakroom:localhost"
+        assert facts["smtp"] == {"host": "127.0.0.1", "port": smtp_port}
+        assert facts["mailbox"] == "demo@localhost"
         assert facts["password"] in output
         assert (state / "quickstart.json").stat().st_mode & 0o077 == 0
 
@@ -76,6 +87,12 @@ async def test_quickstart_brings_up_a_bot_a_client_can_talk_to(tmp_path: Path) -
             _, reply = await sync_until(client, from_sender(room_id, facts["bot"]))
             assert reply.decrypted
             assert "Cloakroom commands" in reply.body
+            # The advertised mailbox really receives mail, offline (no DNS) included.
+            token = unique("quickstart")
+            await send(smtp_port, make_mail(to=facts["mailbox"], text=token), [facts["mailbox"]])
+            portal = await accept_invite(client)
+            mail = await wait_for_event(client, portal, lambda e: token in getattr(e, "body", ""))
+            assert mail.decrypted
         finally:
             await client.close()
     finally:
@@ -84,7 +101,7 @@ async def test_quickstart_brings_up_a_bot_a_client_can_talk_to(tmp_path: Path) -
 
     # A second run reuses the state: same account, nothing regenerated.
     config_before = (state / "config.yaml").read_text()
-    proc, _ = await asyncio.to_thread(_start, state, hs_port, as_port)
+    proc, _ = await asyncio.to_thread(_start, state, ports)
     try:
         again = json.loads((state / "quickstart.json").read_text())
         assert again["password"] == facts["password"]

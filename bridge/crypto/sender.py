@@ -37,7 +37,7 @@ class EncryptedSender:
         self.machine = account.machine
         self.state_store = state_store
         self.log = logging.getLogger("bridge.crypto.send")
-        self._share_locks: dict[RoomID, asyncio.Lock] = {}
+        self._encrypt_locks: dict[RoomID, asyncio.Lock] = {}
 
     async def send(
         self,
@@ -68,22 +68,24 @@ class EncryptedSender:
     async def _encrypt(
         self, room_id: RoomID, event_type: EventType, content: Serializable | dict[str, Any]
     ) -> Serializable:
+        # One encryption at a time per room: two concurrent ones could load the same stored
+        # outbound session and emit two messages with the same Megolm index.
+        async with self._encrypt_locks.setdefault(room_id, asyncio.Lock()):
+            return await self._encrypt_locked(room_id, event_type, content)
+
+    async def _encrypt_locked(
+        self, room_id: RoomID, event_type: EventType, content: Serializable | dict[str, Any]
+    ) -> Serializable:
         try:
             return await self.machine.encrypt_megolm_event(room_id, event_type, content)
         except EncryptionError:
             # No outbound session yet, or it was rotated by a membership or device change.
-            lock = self._share_locks.setdefault(room_id, asyncio.Lock())
-            async with lock:
-                try:
-                    return await self.machine.encrypt_megolm_event(room_id, event_type, content)
-                except EncryptionError:
-                    pass
-                # Invited members too: a message may arrive before its reader has joined.
-                members = await self.state_store.get_members(
-                    room_id, memberships=(Membership.JOIN, Membership.INVITE)
-                )
-                await self.machine.share_group_session(room_id, members)
-                return await self.machine.encrypt_megolm_event(room_id, event_type, content)
+            # Invited members too: a message may arrive before its reader has joined.
+            members = await self.state_store.get_members(
+                room_id, memberships=(Membership.JOIN, Membership.INVITE)
+            )
+            await self.machine.share_group_session(room_id, members)
+            return await self.machine.encrypt_megolm_event(room_id, event_type, content)
 
     async def decrypt(self, evt: EncryptedEvent) -> MessageEvent:
         try:

@@ -89,6 +89,8 @@ class MatrixHandler:
         await self.sender.handle_member_event(evt)
         membership = evt.content.membership
         if evt.state_key == self.bot.mxid and membership == Membership.INVITE:
+            if self.is_ours(evt.sender):
+                return  # a portal being set up by one of our ghosts; the portal joins the bot
             self.queues.submit(evt.room_id, self.bot.handle_invite(evt))
         elif evt.state_key != self.bot.mxid and membership in (Membership.LEAVE, Membership.BAN):
             self.queues.submit(evt.room_id, self.bot.handle_member_left(evt))

@@ -33,6 +33,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dir", default=".cloakroom", help="state directory (default .cloakroom)")
     parser.add_argument("--hs-port", type=int, default=8008, help="Synapse port on 127.0.0.1")
     parser.add_argument("--as-port", type=int, default=29400, help="bridge port on 127.0.0.1")
+    parser.add_argument("--smtp-port", type=int, default=2525, help="SMTP port on 127.0.0.1")
     return parser.parse_args(argv)
 
 
@@ -47,7 +48,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _bridge_config(state: Path, hs_port: int, as_port: int) -> Path:
+def _bridge_config(state: Path, hs_port: int, as_port: int, smtp_port: int) -> Path:
     config = state / "config.yaml"
     if not config.exists():
         config.write_text(sample_text())
@@ -59,6 +60,8 @@ def _bridge_config(state: Path, hs_port: int, as_port: int) -> Path:
                 "appservice.address": f"http://127.0.0.1:{as_port}",
                 "appservice.port": as_port,
                 "database": f"sqlite:{state / 'cloakroom.db'}",
+                "email.listen.host": "127.0.0.1",
+                "email.listen.port": smtp_port,
             },
         )
         code = bridge_main(["-c", str(config), "-g", "-r", str(state / "registration.yaml")])
@@ -67,7 +70,7 @@ def _bridge_config(state: Path, hs_port: int, as_port: int) -> Path:
     return config
 
 
-def _demo_account(state: Path, synapse: LocalSynapse) -> dict[str, Any]:
+def _demo_account(state: Path, synapse: LocalSynapse, smtp_port: int) -> dict[str, Any]:
     facts_path = state / "quickstart.json"
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
     if "password" not in facts:
@@ -78,6 +81,8 @@ def _demo_account(state: Path, synapse: LocalSynapse) -> dict[str, Any]:
         homeserver=synapse.url,
         user_id=f"@{DEMO_USER}:{synapse.server_name}",
         bot=f"@cloakroom:{synapse.server_name}",
+        smtp={"host": "127.0.0.1", "port": smtp_port},
+        mailbox=f"{DEMO_USER}@{synapse.server_name}",
     )
     fd = os.open(facts_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -117,10 +122,14 @@ Cloakroom is running.
   User:        {facts['user_id']}
   Password:    {facts['password']}
   Bridge bot:  {facts['bot']}
+  Mailbox:     {facts['mailbox']} (SMTP on {facts['smtp']['host']}:{facts['smtp']['port']})
 
 Log in with Element (Desktop, or Element Web in a browser on this machine): choose
 "Sign in", edit the homeserver to {facts['homeserver']}, and use the user and password above.
 Then start a direct chat with {facts['bot']} and send "help".
+Send mail to {facts['mailbox']} through {facts['smtp']['host']}:{facts['smtp']['port']}, e.g.
+  swaks --server {facts['smtp']['host']}:{facts['smtp']['port']} --to {facts['mailbox']}
+and it arrives in an encrypted room, from a user standing for the sender.
 
 These facts are also in {state / 'quickstart.json'}.
 Logs: {state / 'bridge.log'} and {state / 'synapse' / 'homeserver.log'}.
@@ -134,12 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     state = Path(args.dir).resolve()
     state.mkdir(mode=0o700, exist_ok=True)
-    for port in (args.hs_port, args.as_port):
+    for port in (args.hs_port, args.as_port, args.smtp_port):
         if not _port_free(port):
             print(f"Port {port} on 127.0.0.1 is in use; stop what uses it or pick another "
-                  "with --hs-port/--as-port.", file=sys.stderr)
+                  "with --hs-port/--as-port/--smtp-port.", file=sys.stderr)
             return 1
-    config = _bridge_config(state, args.hs_port, args.as_port)
+    config = _bridge_config(state, args.hs_port, args.as_port, args.smtp_port)
     synapse = LocalSynapse(
         base_dir=state / "synapse",
         port=args.hs_port,
@@ -158,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         synapse.prepare()
         synapse.start()
         bridge = _start_bridge(config, args.as_port, state / "bridge.log")
-        _print_welcome(_demo_account(state, synapse), state)
+        _print_welcome(_demo_account(state, synapse, args.smtp_port), state)
         while not stop:
             if bridge.poll() is not None:
                 print(f"The bridge exited with {bridge.returncode}; see {state / 'bridge.log'}",

@@ -12,4 +12,4 @@ upgrade_table = UpgradeTable(
     log=logging.getLogger("bridge.db.upgrade"),
 )
 
-from . import v01_initial  # noqa: E402,F401  (registers itself on upgrade_table)
+from . import v01_initial, v02_email  # noqa: E402,F401  (each registers itself)

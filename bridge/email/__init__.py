@@ -1,0 +1,1 @@
+"""Email edges: inbound SMTP/LMTP, queue, authentication."""

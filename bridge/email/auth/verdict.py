@@ -1,0 +1,239 @@
+"""Who really sent a message: the verdict, and the :class:`Authenticator` that reaches it.
+
+A check never raises and never holds mail for long. Without DNS (the offline quickstart, an
+outage) every lookup gives up after ``dns_timeout`` and the verdict is *temperror*: the mail is
+still delivered, with a marker telling the reader the sender could not be verified. The SPF, DKIM
+key and DMARC policy lookups run concurrently, each bounded by a few times ``dns_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import dns.inet
+
+from bridge.config import Config, ConfigError
+
+from .dkim import DkimResult, check_dkim
+from .dmarc import (
+    AuthorError,
+    Discovery,
+    author_domain,
+    discover,
+    evaluate,
+    organizational_domain,
+)
+from .dns import Resolver
+from .results import AuthResults, dkim_of, dmarc_of, find_trusted, spf_of
+from .spf import SpfResult, check_spf, identity
+
+log = logging.getLogger("bridge.email.auth")
+
+# The DNS part of one SPF evaluation (up to ten lookups, plus MX hosts) may take this many
+# dns_timeouts in all; lookups answered promptly never come near it.
+BUDGET_FACTOR = 3
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    dns_servers: list[str]  # empty: the system's resolver
+    dns_port: int = 53
+    dns_timeout: float = 2.0
+    trusted_authserv_id: str = ""
+    reject_dmarc_failures: bool = True
+
+    @classmethod
+    def from_config(cls, config: Config) -> AuthConfig:
+        servers = [str(s).strip() for s in config["email.auth.dns_servers"] or []]
+        for server in servers:
+            if not dns.inet.is_address(server):
+                raise ConfigError("email.auth.dns_servers", f"{server!r} is not an IP address")
+        return cls(
+            dns_servers=servers,
+            dns_port=int(config["email.auth.dns_port"]),
+            dns_timeout=float(config["email.auth.dns_timeout"]),
+            trusted_authserv_id=str(config["email.auth.trusted_authserv_id"] or "").strip(),
+            reject_dmarc_failures=bool(config["email.auth.reject_dmarc_failures"]),
+        )
+
+
+@dataclass(frozen=True)
+class AuthVerdict:
+    from_domain: str | None
+    spf: str  # pass | fail | softfail | neutral | none | temperror | permerror
+    spf_domain: str | None
+    dkim: str  # pass | fail | none | temperror | permerror
+    dkim_domains: list[str]  # d= of the signatures that verified
+    dmarc: str  # pass | fail | none | temperror | permerror
+    dmarc_policy: str | None  # none | quarantine | reject, as it applies to from_domain
+    source: str  # checked | trusted-header
+
+    @classmethod
+    def unverified(cls, from_domain: str | None = None) -> AuthVerdict:
+        """The verdict when checking itself went wrong: nothing known, nothing refused."""
+        return cls(from_domain, "temperror", None, "temperror", [], "temperror", None, "checked")
+
+    @property
+    def authenticated(self) -> bool:
+        # Without a DMARC record, a valid DKIM signature by the From domain itself still proves
+        # the From address (most small domains sign but publish no DMARC policy).
+        if self.dmarc == "none" and self.from_domain:
+            return self.from_domain.lower() in (d.lower() for d in self.dkim_domains)
+        return self.dmarc == "pass"
+
+    @property
+    def should_reject(self) -> bool:
+        return self.dmarc == "fail" and self.dmarc_policy == "reject"
+
+    def marker(self, shown_address: str) -> str | None:
+        """A line for readers when the From address is not proven; None when it is."""
+        if self.authenticated:
+            return None
+        if self.dmarc == "temperror":
+            reason = "no DNS answer"
+        elif self.dmarc == "fail":
+            reason = "DMARC: fail"
+        else:
+            parts = [f"DMARC: {self.dmarc}"]
+            parts += [f"SPF: {self.spf}"] if self.spf != "none" else []
+            parts += [f"DKIM: {self.dkim}"] if self.dkim != "none" else []
+            reason = ", ".join(parts)
+        return f"⚠ could not verify that this came from {shown_address} ({reason})"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AuthVerdict:
+        # Lenient, so rows queued by an older version still load.
+        return cls(
+            from_domain=data.get("from_domain"),
+            spf=data.get("spf", "none"),
+            spf_domain=data.get("spf_domain"),
+            dkim=data.get("dkim", "none"),
+            dkim_domains=list(data.get("dkim_domains") or []),
+            dmarc=data.get("dmarc", "none"),
+            dmarc_policy=data.get("dmarc_policy"),
+            source=data.get("source", "checked"),
+        )
+
+
+def header_fields(raw: bytes) -> list[tuple[str, str]]:
+    """(lower-case name, unfolded value) of each header field, in message order."""
+    match = re.search(rb"\r?\n\r?\n", raw)
+    text = (raw[: match.start()] if match else raw).decode("utf-8", "replace")
+    fields: list[tuple[str, str]] = []
+    for line in re.split(r"\r?\n", text):
+        if line[:1] in (" ", "\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + line)  # RFC 5322 unfolding: drop the line break only
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            fields.append((name.strip().lower(), value))
+        # Anything else (an mbox "From " line, garbage) is not a field.
+    return [(name, value.strip()) for name, value in fields]
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        self.resolver = Resolver(config.dns_servers, config.dns_port, config.dns_timeout)
+        self.budget = config.dns_timeout * BUDGET_FACTOR
+        # Load the public suffix list now, not on the event loop during the first check.
+        organizational_domain("example.com")
+
+    async def check(self, raw: bytes, *, mail_from: str, peer_ip: str, helo: str) -> AuthVerdict:
+        try:
+            verdict = await self._check(raw, mail_from, peer_ip, helo)
+        except Exception:
+            log.exception("Checking the sender of a message from %s failed", mail_from or helo)
+            return AuthVerdict.unverified()
+        log.debug("Sender check for %s via %s: %s", mail_from, peer_ip, verdict)
+        return verdict
+
+    async def _check(self, raw: bytes, mail_from: str, peer_ip: str, helo: str) -> AuthVerdict:
+        fields = header_fields(raw)
+        if self.config.trusted_authserv_id:
+            values = [value for name, value in fields if name == "authentication-results"]
+            trusted = find_trusted(values, self.config.trusted_authserv_id)
+            if trusted is not None:
+                return self._from_header(trusted, fields)
+        author = _author(fields)
+        spf_fallback = SpfResult("temperror", identity(mail_from, helo)[1] or None)
+        spf, dkim, discovery = await asyncio.gather(
+            self._guard(
+                "SPF",
+                check_spf(self.resolver, ip=peer_ip, mail_from=mail_from, helo=helo),
+                spf_fallback,
+                self.budget,
+            ),
+            # No overall deadline here: check_dkim bounds its own lookups, and the hashing
+            # after them depends on the message's size, not on DNS.
+            self._guard(
+                "DKIM",
+                check_dkim(self.resolver, raw, dns_budget=self.budget),
+                DkimResult("temperror"),
+                None,
+            ),
+            self._guard("DMARC", self._discover(author), Discovery(temperror=True), self.budget),
+        )
+        if author is None:
+            dmarc, policy = "permerror", None
+        else:
+            dmarc, policy = evaluate(author, discovery, spf, dkim)
+        return AuthVerdict(
+            from_domain=author,
+            spf=spf.result,
+            spf_domain=spf.domain,
+            dkim=dkim.result,
+            dkim_domains=list(dkim.domains),
+            dmarc=dmarc,
+            dmarc_policy=policy,
+            source="checked",
+        )
+
+    async def _discover(self, author: str | None) -> Discovery:
+        return Discovery() if author is None else await discover(self.resolver, author)
+
+    async def _guard(
+        self, what: str, work: Awaitable[_T], fallback: _T, deadline: float | None
+    ) -> _T:
+        """``work``'s result, or ``fallback`` if it overruns ``deadline`` or goes wrong."""
+        try:
+            async with asyncio.timeout(deadline):
+                return await work
+        except TimeoutError:
+            log.info("%s check gave up: no DNS answers within %.1f s", what, deadline or 0)
+        except Exception:
+            log.exception("%s check failed", what)
+        return fallback
+
+    def _from_header(self, trusted: AuthResults, fields: list[tuple[str, str]]) -> AuthVerdict:
+        spf, spf_domain = spf_of(trusted)
+        dkim, dkim_domains = dkim_of(trusted)
+        dmarc, policy, header_from = dmarc_of(trusted)
+        return AuthVerdict(
+            # The From the reader sees; the MTA's header.from should name the same domain.
+            from_domain=_author(fields) or header_from,
+            spf=spf,
+            spf_domain=spf_domain,
+            dkim=dkim,
+            dkim_domains=dkim_domains,
+            dmarc=dmarc,
+            dmarc_policy=policy,
+            source="trusted-header",
+        )
+
+
+def _author(fields: list[tuple[str, str]]) -> str | None:
+    try:
+        return author_domain([value for name, value in fields if name == "from"])
+    except AuthorError as e:
+        log.info("No DMARC check possible: %s", e)
+        return None

@@ -1,0 +1,142 @@
+"""The delivery worker: queued mail → the hub, with backoff while the homeserver is away.
+
+Each user's mail from one correspondent (or one list) is delivered in the order it arrived, so a
+reply never overtakes the mail it answers; other conversations and users go in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+from ..portal import MailJob, PortalManager
+from .auth import AuthVerdict
+from .queue import DueDelivery, InboundQueue, now_ms
+
+MAX_BACKOFF_MS = 10 * 60 * 1000
+IDLE_POLL_SECONDS = 30
+PARALLEL_CONVERSATIONS = 8
+
+
+def backoff_ms(attempts: int) -> int:
+    """1 s, 2 s, 4 s … capped at 10 minutes."""
+    return min(1000 * 2 ** min(attempts, 20), MAX_BACKOFF_MS)
+
+
+class DeliveryWorker:
+    def __init__(self, queue: InboundQueue, portals: PortalManager, give_up_after_ms: int) -> None:
+        self.queue = queue
+        self.portals = portals
+        self.give_up_after_ms = give_up_after_ms
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(PARALLEL_CONVERSATIONS)
+        self.log = logging.getLogger("bridge.email.delivery")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                worked = await self._round()
+            except Exception:
+                self.log.exception("Delivery round failed")
+                worked = False
+            if not worked:
+                await self._sleep_until_due()
+
+    async def _sleep_until_due(self) -> None:
+        next_due = await self.queue.next_due_at()
+        timeout = IDLE_POLL_SECONDS
+        if next_due is not None:
+            timeout = min(timeout, max(0.0, (next_due - now_ms()) / 1000))
+        self._wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _round(self) -> bool:
+        due = await self.queue.due(limit=200)
+        if not due:
+            return False
+        by_conversation: dict[tuple[str, str], list[DueDelivery]] = defaultdict(list)
+        for delivery in due:
+            by_conversation[delivery.user_id, delivery.order_key].append(delivery)
+        await asyncio.gather(
+            *(self._deliver_in_order(items) for items in by_conversation.values())
+        )
+        return True
+
+    async def _deliver_in_order(self, deliveries: list[DueDelivery]) -> None:
+        async with self._slots:
+            for delivery in deliveries:
+                if not await self._deliver(delivery):
+                    # Keep the order: the conversation's later mail waits for the failed one.
+                    return
+
+    async def _deliver(self, d: DueDelivery) -> bool:
+        verdict = AuthVerdict.from_json(d.auth) if d.auth else None
+        shown = d.mail_from or "the sender"
+        job = MailJob(
+            queue_id=d.message_id,
+            owner=d.user_id,
+            recipient=d.recipient,
+            tag=d.tag,
+            raw=d.raw,
+            warning=verdict.marker(_from_address(d.raw) or shown) if verdict else None,
+            envelope_from=d.mail_from,
+            done_parts=await self.queue.done_parts(d.message_id, d.user_id),
+        )
+
+        async def record(part: int, event_id: str) -> None:
+            await self.queue.record_part(d.message_id, d.user_id, part, event_id)
+
+        job.record_part = record
+        try:
+            await self.portals.deliver(job)
+        except Exception as e:
+            return await self._failed(d, e)
+        await self.queue.finish(d.message_id, d.user_id, "delivered")
+        self.log.info("Delivered %s to %s", d.message_id, d.user_id)
+        return True
+
+    async def _failed(self, d: DueDelivery, error: Exception) -> bool:
+        if now_ms() - d.received_at > self.give_up_after_ms:
+            self.log.error(
+                "Giving up on %s for %s after %d attempts: %s (kept in the queue)",
+                d.message_id, d.user_id, d.attempts + 1, error,
+            )
+            await self.queue.finish(d.message_id, d.user_id, "failed", str(error))
+            return True
+        delay = backoff_ms(d.attempts)
+        self.log.warning(
+            "Delivery of %s to %s failed (attempt %d): %s; retrying in %d s",
+            d.message_id, d.user_id, d.attempts + 1, error, delay // 1000,
+            exc_info=d.attempts == 0,
+        )
+        await self.queue.retry_later(d.message_id, d.user_id, delay, repr(error))
+        return False
+
+
+def _from_address(raw: bytes) -> str | None:
+    from email.parser import BytesHeaderParser
+    from email.policy import default
+    from email.utils import parseaddr
+
+    try:
+        headers = BytesHeaderParser(policy=default).parsebytes(raw)
+        address = parseaddr(str(headers.get("From", "")))[1]
+    except Exception:
+        return None
+    return address or None

@@ -1,0 +1,91 @@
+"""Email in, assembled: listener → durable queue → delivery worker → the hub."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mautrix.util.async_db import Database
+
+from ..config import Config
+from ..permissions import Permissions
+from ..portal import PortalManager
+from .auth import AuthConfig, Authenticator
+from .delivery import DeliveryWorker
+from .listener import InboundHandler, start_listener
+from .mailbox import KnownMailboxes, RecipientCheck, UserExists
+from .queue import InboundQueue
+from .ratelimit import SlidingWindow
+
+
+class InboundMail:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        db: Database,
+        portals: PortalManager,
+        permissions: Permissions,
+        user_exists: UserExists,
+        is_reserved_localpart: callable,
+    ) -> None:
+        self.config = config
+        self.queue = InboundQueue(db)
+        self.worker = DeliveryWorker(
+            self.queue,
+            portals,
+            give_up_after_ms=int(config["email.delivery.give_up_after_hours"] * 3600 * 1000),
+        )
+        lmtp = config["email.listen.protocol"] == "lmtp"
+        self.handler = InboundHandler(
+            recipients=RecipientCheck(
+                email_domain=config.email_domain,
+                homeserver_domain=config["homeserver.domain"],
+                permissions=permissions,
+                user_exists=user_exists,
+                reserved_localparts=is_reserved_localpart,
+                known=KnownMailboxes(db),
+            ),
+            queue=self.queue,
+            authenticator=Authenticator(AuthConfig.from_config(config)),
+            reject_dmarc_failures=config["email.auth.reject_dmarc_failures"],
+            max_recipients=config["email.max_recipients"],
+            per_sender=SlidingWindow(config["email.rate_limit.per_sender_per_hour"]),
+            per_recipient=SlidingWindow(config["email.rate_limit.per_recipient_per_hour"]),
+            own_domain=config.email_domain,
+            lmtp=lmtp,
+            on_queued=self.worker.wake,
+        )
+        self.server: asyncio.AbstractServer | None = None
+        self.log = logging.getLogger("bridge.email.in")
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.worker.start()
+        self.server = await start_listener(
+            self.handler,
+            host=cfg["email.listen.host"],
+            port=cfg["email.listen.port"],
+            lmtp=cfg["email.listen.protocol"] == "lmtp",
+            max_size=cfg["email.max_size"],
+            hostname=cfg.email_domain,
+            tls_cert=cfg["email.listen.tls_cert"],
+            tls_key=cfg["email.listen.tls_key"],
+        )
+        self.log.info(
+            "Accepting %s for @%s on %s:%d",
+            cfg["email.listen.protocol"].upper(),
+            cfg.email_domain,
+            cfg["email.listen.host"],
+            cfg["email.listen.port"],
+        )
+
+    async def stop_accepting(self) -> None:
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+    async def stop(self) -> None:
+        await self.stop_accepting()
+        await self.worker.stop()

@@ -1,0 +1,201 @@
+"""The durable inbound queue. SMTP answers 250 only after `enqueue` has committed."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from mautrix.util.async_db import Database
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Sequence:
+    """Strictly increasing arrival order (µs clock, never repeating, even within one tick)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(time.time_ns() // 1000, self._last + 1)
+        return self._last
+
+
+@dataclass
+class QueuedRecipient:
+    user_id: str
+    recipient: str
+    tag: str
+
+
+@dataclass
+class DueDelivery:
+    message_id: str
+    user_id: str
+    recipient: str
+    tag: str
+    attempts: int
+    received_at: int
+    order_key: str
+    mail_from: str
+    auth: dict | None
+    raw: bytes
+
+
+class InboundQueue:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._seq = _Sequence()
+
+    async def enqueue(
+        self,
+        *,
+        raw: bytes,
+        mail_from: str,
+        peer: str,
+        helo: str,
+        auth: dict | None,
+        recipients: list[QueuedRecipient],
+        order_key: str = "",
+    ) -> str:
+        """Store the message and one delivery per local user, in one transaction.
+
+        Mail with the same `order_key` (the correspondent, or the list) is delivered to each
+        user in arrival order; mail with different keys may be delivered in parallel.
+        """
+        message_id = secrets.token_hex(12)
+        received = now_ms()
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO inbound_message "
+                "(id, seq, order_key, received_at, mail_from, peer, helo, auth, raw) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                message_id,
+                self._seq.next(),
+                order_key,
+                received,
+                mail_from,
+                peer,
+                helo,
+                json.dumps(auth) if auth is not None else None,
+                raw,
+            )
+            for rcpt in recipients:
+                await conn.execute(
+                    "INSERT INTO inbound_delivery (message_id, user_id, recipient, tag, "
+                    "next_attempt) VALUES ($1, $2, $3, $4, $5) "
+                    "ON CONFLICT (message_id, user_id) DO NOTHING",
+                    message_id,
+                    rcpt.user_id,
+                    rcpt.recipient,
+                    rcpt.tag,
+                    received,
+                )
+        return message_id
+
+    async def due(self, limit: int = 20) -> list[DueDelivery]:
+        rows = await self.db.fetch(
+            "SELECT d.message_id, d.user_id, d.recipient, d.tag, d.attempts, m.received_at, "
+            "m.order_key, m.mail_from, m.auth, m.raw FROM inbound_delivery d "
+            "JOIN inbound_message m ON m.id = d.message_id "
+            "WHERE d.state = 'pending' AND d.next_attempt <= $1 "
+            # A conversation's mail is delivered in arrival order: nothing overtakes a held one.
+            "AND NOT EXISTS (SELECT 1 FROM inbound_delivery d2 "
+            "  JOIN inbound_message m2 ON m2.id = d2.message_id "
+            "  WHERE d2.user_id = d.user_id AND m2.order_key = m.order_key "
+            "  AND d2.state = 'pending' AND d2.next_attempt > $1 AND m2.seq < m.seq) "
+            "ORDER BY m.seq LIMIT $2",
+            now_ms(),
+            limit,
+        )
+        return [
+            DueDelivery(
+                message_id=r["message_id"],
+                user_id=r["user_id"],
+                recipient=r["recipient"],
+                tag=r["tag"],
+                attempts=r["attempts"],
+                received_at=r["received_at"],
+                order_key=r["order_key"],
+                mail_from=r["mail_from"],
+                auth=json.loads(r["auth"]) if r["auth"] else None,
+                raw=bytes(r["raw"]),
+            )
+            for r in rows
+        ]
+
+    async def next_due_at(self) -> int | None:
+        return await self.db.fetchval(
+            "SELECT MIN(next_attempt) FROM inbound_delivery WHERE state = 'pending'"
+        )
+
+    async def done_parts(self, message_id: str, user_id: str) -> dict[int, str]:
+        rows = await self.db.fetch(
+            "SELECT part, event_id FROM delivered_part WHERE message_id=$1 AND user_id=$2",
+            message_id,
+            user_id,
+        )
+        return {r["part"]: r["event_id"] for r in rows}
+
+    async def record_part(self, message_id: str, user_id: str, part: int, event_id: str) -> None:
+        await self.db.execute(
+            "INSERT INTO delivered_part (message_id, user_id, part, event_id) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            message_id,
+            user_id,
+            part,
+            event_id,
+        )
+
+    async def retry_later(self, message_id: str, user_id: str, delay_ms: int, error: str) -> None:
+        """Back off one delivery; due() holds the conversation's later mail behind it."""
+        next_attempt = now_ms() + delay_ms
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE inbound_delivery SET attempts = attempts + 1, next_attempt = $3, "
+                "last_error = $4 WHERE message_id = $1 AND user_id = $2",
+                message_id,
+                user_id,
+                next_attempt,
+                error[:1000],
+            )
+            # Wake the held ones together with it, so they follow right after.
+            await conn.execute(
+                "UPDATE inbound_delivery SET next_attempt = $3 "
+                "WHERE user_id = $1 AND state = 'pending' AND next_attempt < $3 "
+                "AND message_id IN (SELECT id FROM inbound_message WHERE order_key = "
+                "(SELECT order_key FROM inbound_message WHERE id = $2))",
+                user_id,
+                message_id,
+                next_attempt,
+            )
+
+    async def finish(self, message_id: str, user_id: str, state: str, error: str = "") -> None:
+        """Mark one delivery done; when none is pending, delete the message and its raw text."""
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE inbound_delivery SET state = $3, last_error = $4 "
+                "WHERE message_id = $1 AND user_id = $2",
+                message_id,
+                user_id,
+                state,
+                error[:1000] or None,
+            )
+            unfinished = await conn.fetchval(
+                "SELECT COUNT(*) FROM inbound_delivery "
+                "WHERE message_id = $1 AND state IN ('pending', 'failed')",
+                message_id,
+            )
+            if not unfinished:
+                # Only the Message-ID map and thread metadata outlive delivery, not the mail.
+                # A message that failed for someone is kept for the admin: nothing is lost.
+                await conn.execute("DELETE FROM inbound_message WHERE id = $1", message_id)
+
+    async def pending_count(self) -> int:
+        return await self.db.fetchval(
+            "SELECT COUNT(*) FROM inbound_delivery WHERE state = 'pending'"
+        )

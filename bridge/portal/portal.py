@@ -1,0 +1,233 @@
+"""The hub: one conversation ↔ one encrypted room. Mail from the queue arrives here.
+
+The email edge hands over a :class:`MailJob`; the hub finds or creates the portal, posts the mail
+as its ghost (text, then every attachment, then notes about unreadable parts), threads it, and
+records the Message-ID so later replies — from email or from Matrix — land in the same thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import html
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mautrix.appservice import IntentAPI
+from mautrix.client.state_store.asyncpg import PgStateStore
+from mautrix.types import RoomID
+from mautrix.util.async_db import Database
+
+from ..crypto import EncryptedSender
+from ..formatter import Address, ParsedMail, parse_mail, render_message
+from ..identifiers import normalize_address
+from .ghosts import Ghosts
+from .media import upload_encrypted
+from .rooms import create_portal_room, ensure_member
+from .store import MailMessageRow, MessageMap, PortalRow, PortalStore
+
+
+@dataclass
+class MailJob:
+    """One queued mail for one local user, as the email edge hands it to the hub."""
+
+    queue_id: str
+    owner: str  # the local Matrix user
+    recipient: str  # the address it was sent to
+    tag: str  # the +tag of that address, shown to the user
+    raw: bytes
+    warning: str | None  # the sender-authentication marker, None when authenticated
+    envelope_from: str
+    done_parts: dict[int, str] = field(default_factory=dict)  # part index → event id
+    record_part: Callable[[int, str], Awaitable[None]] | None = None
+
+
+@dataclass
+class Conversation:
+    kind: str
+    key: str
+    name: str
+    participants: list[Address]
+
+
+class PortalManager:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        bot: IntentAPI,
+        ghosts: Ghosts,
+        sender: EncryptedSender,
+        state_store: PgStateStore,
+        email_domain: str,
+        collapse_quotes: bool,
+    ) -> None:
+        self.portals = PortalStore(db)
+        self.messages = MessageMap(db)
+        self.bot = bot
+        self.ghosts = ghosts
+        self.sender = sender
+        self.state_store = state_store
+        self.email_domain = email_domain.lower()
+        self.collapse_quotes = collapse_quotes
+        self.log = logging.getLogger("bridge.portal")
+        # Conversations are delivered in parallel; two mails of one new portal must not both
+        # create its room.
+        self._room_locks: dict[str, asyncio.Lock] = {}
+
+    def is_ours(self, address: str) -> bool:
+        return normalize_address(address).rpartition("@")[2] == self.email_domain
+
+    async def deliver(self, job: MailJob) -> None:
+        """Post a mail into its portal. Raises on failure; the caller retries (idempotently)."""
+        mail = parse_mail(job.raw, collapse_quotes=self.collapse_quotes)
+        portal = await self._portal_for(job, mail)
+        room_id = await self._ensure_room(portal)
+        author = self._author(mail, job)
+        intent = await self.ghosts.intent(author.address, author.name)
+        await ensure_member(intent, self.bot, room_id)
+        await self._post(job, mail, room_id, intent)
+
+    # Choosing the conversation ---------------------------------------------------------------
+
+    def _author(self, mail: ParsedMail, job: MailJob) -> Address:
+        for candidate in (mail.from_, mail.sender):
+            if candidate and candidate.address and not self.is_ours(candidate.address):
+                return candidate
+        return Address(name="", address=normalize_address(job.envelope_from) or "unknown@invalid")
+
+    def _conversation(self, mail: ParsedMail, job: MailJob) -> Conversation:
+        author = self._author(mail, job)
+        externals = [a for a in mail.participants() if a.address and not self.is_ours(a.address)]
+        if not any(a.address == author.address for a in externals):
+            externals.insert(0, author)
+        if mail.list_id:
+            name = mail.list_id.split(".", 1)[0] if "." in mail.list_id else mail.list_id
+            return Conversation("list", f"list:{mail.list_id}", name, externals)
+        if len(externals) <= 1:
+            name = author.name or author.address
+            return Conversation("dm", f"dm:{author.address}", name, [author])
+        addresses = sorted({a.address for a in externals})
+        names = [a.name or a.address for a in externals]
+        name = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return Conversation("group", "group:" + ",".join(addresses), name, externals)
+
+    async def _portal_for(self, job: MailJob, mail: ParsedMail) -> PortalRow:
+        # A reply stays in the room of the message it answers, even if the Cc list changed.
+        room_id = await self.messages.rooms_knowing(job.owner, _thread_refs(mail))
+        if room_id:
+            portal = await self.portals.by_room(room_id)
+            if portal:
+                return portal
+        conv = self._conversation(mail, job)
+        return await self.portals.get_or_create(
+            job.owner, conv.key, conv.kind, conv.name, [a.address for a in conv.participants]
+        )
+
+    async def _ensure_room(self, portal: PortalRow) -> RoomID:
+        if portal.room_id:
+            return RoomID(portal.room_id)
+        async with self._room_locks.setdefault(portal.id, asyncio.Lock()):
+            fresh = await self.portals.by_key(portal.owner, portal.conv_key)
+            if fresh and fresh.room_id:
+                return RoomID(fresh.room_id)
+            room_id = await self._create_room(portal)
+        self._room_locks.pop(portal.id, None)
+        return room_id
+
+    async def _create_room(self, portal: PortalRow) -> RoomID:
+        if portal.kind == "dm":
+            creator = await self.ghosts.intent(portal.participants[0])
+            topic = f"Email with {portal.participants[0]}"
+        else:
+            creator = self.bot
+            topic = "Email with " + ", ".join(portal.participants)
+        room_id = await create_portal_room(
+            portal, creator=creator, bot=self.bot, state_store=self.state_store, topic=topic
+        )
+        await self.portals.set_room(portal.id, room_id)
+        portal.room_id = room_id
+        return room_id
+
+    # Posting ---------------------------------------------------------------------------------
+
+    async def _post(
+        self, job: MailJob, mail: ParsedMail, room_id: RoomID, intent: IntentAPI
+    ) -> None:
+        known = await self.messages.find(room_id, _thread_refs(mail))
+        thread_root = known.thread_root if known else None
+        content = self._text_content(job, mail, root=thread_root is None)
+        if thread_root:
+            content["m.relates_to"] = _thread_relation(thread_root, known.event_id)
+        first = await self._send_part(job, 0, intent, room_id, content)
+        root = thread_root or first
+        if mail.message_id:
+            await self.messages.put(
+                MailMessageRow(room_id, mail.message_id, first, root, mail.subject)
+            )
+        part = 1
+        for attachment in mail.attachments:
+            if part not in job.done_parts:
+                media = await upload_encrypted(
+                    intent,
+                    attachment.data,
+                    msgtype=attachment.msgtype,
+                    filename=attachment.filename,
+                    content_type=attachment.content_type,
+                    width=attachment.width,
+                    height=attachment.height,
+                )
+                media["m.relates_to"] = _thread_relation(root, first)
+                await self._send_part(job, part, intent, room_id, media)
+            part += 1
+        for problem in mail.problems:
+            notice = {"msgtype": "m.notice", "body": f"⚠ {problem}"}
+            notice["m.relates_to"] = _thread_relation(root, first)
+            await self._send_part(job, part, intent, room_id, notice)
+            part += 1
+
+    def _text_content(self, job: MailJob, mail: ParsedMail, root: bool) -> dict[str, Any]:
+        rendered = render_message(mail, root=root)
+        notes = []
+        if job.warning:
+            notes.append(job.warning)
+        if job.tag:
+            notes.append(f"✉ to {job.recipient}")
+        body = rendered.body
+        formatted = rendered.formatted_body or html.escape(rendered.body).replace("\n", "<br>")
+        if notes:
+            body = "\n".join(notes) + "\n\n" + body
+            formatted = "".join(f"<p><em>{html.escape(n)}</em></p>" for n in notes) + formatted
+        return {"msgtype": "m.text", "body": body, "format": "org.matrix.custom.html",
+                "formatted_body": formatted}
+
+    async def _send_part(
+        self, job: MailJob, part: int, intent: IntentAPI, room_id: RoomID, content: dict[str, Any]
+    ) -> str:
+        if part in job.done_parts:
+            return job.done_parts[part]
+        # Derived from the queue entry and part: a retry reuses it, so the homeserver dedups.
+        owner_hash = hashlib.sha256(job.owner.encode()).hexdigest()[:8]
+        txn_id = f"cloakroom.{job.queue_id}.{owner_hash}.{part}"
+        event_id = await self.sender.send(intent, room_id, content, txn_id=txn_id)
+        job.done_parts[part] = event_id
+        if job.record_part:
+            await job.record_part(part, event_id)
+        return event_id
+
+
+def _thread_refs(mail: ParsedMail) -> list[str]:
+    """Message-IDs to look up, most specific first: the direct parent, then older ancestors."""
+    return [*mail.in_reply_to, *reversed(mail.references)]
+
+
+def _thread_relation(root: str, reply_to: str) -> dict[str, Any]:
+    # The spec's thread relation with a reply fallback for clients without thread support.
+    return {
+        "rel_type": "m.thread",
+        "event_id": root,
+        "is_falling_back": True,
+        "m.in_reply_to": {"event_id": reply_to},
+    }

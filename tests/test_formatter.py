@@ -1,0 +1,872 @@
+"""The email → Matrix formatter: raw RFC 5322 bytes in, plain data out. No I/O anywhere."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import zlib
+from datetime import UTC, datetime
+
+import pytest
+
+from bridge.formatter import Address, ParsedMail, parse_mail, render_message
+from bridge.formatter.from_email import (
+    MAX_DEPTH,
+    MAX_PARSE_DEPTH,
+    MAX_PARTS,
+    PLACEHOLDER,
+    decode_bytes,
+)
+from bridge.formatter.media import image_dimensions, msgtype_for, sanitize_filename
+from bridge.formatter.quotes import collapse_plain_quotes
+
+
+def mail(headers: str, body: bytes | str = b"Hello.\n") -> bytes:
+    """A message from header lines (one per line, "\\n"-separated) and a raw body, in CRLF."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    head = headers.strip("\n").replace("\n", "\r\n").encode("utf-8")
+    return head + b"\r\n\r\n" + body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def multipart(*parts: bytes, boundary: str = "BOUNDARY") -> bytes:
+    """A multipart body; each part is its own headers and body, as `mail` builds them."""
+    out = b""
+    for part in parts:
+        out += f"--{boundary}\r\n".encode() + part + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def part(headers: str, body: bytes | str) -> bytes:
+    return mail(headers, body)
+
+
+# --- tiny, valid images --------------------------------------------------------------------------
+
+
+def png(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = b"".join(b"\x00" + b"\x00\x00\x00" * width for _ in range(height))
+    signature = b"\x89PNG\r\n\x1a\n"
+    return (
+        signature + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+def gif(width: int, height: int) -> bytes:
+    screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0)  # 2-colour global table
+    table = b"\x00\x00\x00\xff\xff\xff"
+    image = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0)
+    return b"GIF89a" + screen + table + image + b"\x02\x02\x44\x01\x00" + b"\x3b"
+
+
+def jpeg(width: int, height: int, sof: int = 0xC0) -> bytes:
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    # An EXIF-sized APP1 segment before the frame header, which the reader must jump over.
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 300) + b"Exif\x00\x00" + b"\x00" * 294
+    frame = struct.pack(">HBHHB", 17, 8, height, width, 3) + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    return b"\xff\xd8" + app0 + app1 + bytes([0xFF, sof]) + frame + b"\xff\xd9"
+
+
+def webp_vp8x(width: int, height: int) -> bytes:
+    payload = (
+        b"\x00\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    )
+    chunk = b"VP8X" + struct.pack("<I", len(payload)) + payload
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+def webp_vp8l(width: int, height: int) -> bytes:
+    bits = (width - 1) | (height - 1) << 14
+    payload = b"\x2f" + struct.pack("<I", bits)
+    chunk = b"VP8L" + struct.pack("<I", len(payload)) + payload
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+def webp_vp8(width: int, height: int) -> bytes:
+    payload = b"\x00\x00\x00" + b"\x9d\x01\x2a" + struct.pack("<HH", width, height) + b"\x00" * 4
+    chunk = b"VP8 " + struct.pack("<I", len(payload)) + payload
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+# --- bodies ---------------------------------------------------------------------------------------
+
+HEAD = "From: Bob <bob@example.org>\nTo: alice@example.net\nSubject: Hi\nMessage-ID: <1@x>"
+
+
+def test_plain_mail() -> None:
+    parsed = parse_mail(mail(HEAD, "Hello Alice,\n\nsee you.\n"))
+    assert parsed.text == "Hello Alice,\n\nsee you."
+    assert parsed.html is None
+    assert parsed.attachments == []
+    assert parsed.problems == []
+    assert parsed.from_ == Address("Bob", "bob@example.org")
+    assert parsed.to == [Address("", "alice@example.net")]
+    assert parsed.subject == "Hi"
+
+
+def test_multipart_alternative_takes_text_and_html_from_their_parts() -> None:
+    body = multipart(
+        part("Content-Type: text/plain; charset=utf-8", "The *plain* version\n"),
+        part("Content-Type: text/html; charset=utf-8", "<p>The <b>rich</b> version</p>"),
+    )
+    parsed = parse_mail(
+        mail(HEAD + "\nContent-Type: multipart/alternative; boundary=BOUNDARY", body)
+    )
+    assert parsed.text == "The *plain* version"
+    assert parsed.html == "<p>The <b>rich</b> version</p>"
+    assert parsed.attachments == []
+
+
+def test_html_only_mail_derives_text_with_line_breaks_and_links() -> None:
+    html = (
+        "<html><head><style>p{color:red}</style><title>Newsletter</title></head><body>"
+        "<h1>News</h1><p>Read <a href='https://example.org/post'>the post</a>.<br>Bye</p>"
+        "<ul><li>one</li><li>two</li></ul></body></html>"
+    )
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: text/html; charset=utf-8", html))
+    assert parsed.text == "News\n\nRead the post (https://example.org/post).\nBye\n\n- one\n- two"
+    assert parsed.html is not None and "<h1>News</h1>" in parsed.html
+    assert "color:red" not in parsed.html and "Newsletter" not in parsed.text
+
+
+@pytest.mark.parametrize(
+    ("charset", "encoding", "body", "expected"),
+    [
+        ("utf-8", "8bit", "Grüße aus Köln – 😀".encode(), "Grüße aus Köln – 😀"),
+        ("iso-8859-1", "8bit", "Grüße aus Köln".encode("latin-1"), "Grüße aus Köln"),
+        ("windows-1252", "8bit", "“quoted” – €5".encode("cp1252"), "“quoted” – €5"),
+        # Latin-1-labelled mail is usually windows-1252: 0x80 is the euro sign, not a control.
+        ("iso-8859-1", "8bit", "€5".encode("cp1252"), "€5"),
+        ("utf-8", "quoted-printable", b"Gr=C3=BC=C3=9Fe, soft=\n break", "Grüße, soft break"),
+        ("utf-8", "base64", base64.encodebytes("Grüße".encode()), "Grüße"),
+        ("x-unknown-charset", "8bit", "Grüße".encode(), "Grüße"),
+        ("x-unknown-charset", "8bit", "Grüße".encode("latin-1"), "Grüße"),
+        # Mislabelled: says ASCII, is UTF-8.
+        ("us-ascii", "8bit", "naïve".encode(), "naïve"),
+        # Codecs that are not charsets must not be applied to the body.
+        ("base64", "8bit", b"aGVsbG8=", "aGVsbG8="),
+        ("zlib", "8bit", b"plain", "plain"),
+    ],
+)
+def test_body_charsets_and_transfer_encodings(
+    charset: str, encoding: str, body: bytes, expected: str
+) -> None:
+    headers = (
+        HEAD + f"\nContent-Type: text/plain; charset={charset}"
+        f"\nContent-Transfer-Encoding: {encoding}"
+    )
+    parsed = parse_mail(mail(headers, body))
+    assert parsed.text == expected
+
+
+def test_format_flowed_is_unwrapped() -> None:
+    body = "This line is \nsoft-wrapped.\n> quoted and \n> wrapped\n-- \nsig\n"
+    headers = HEAD + "\nContent-Type: text/plain; charset=utf-8; format=flowed"
+    parsed = parse_mail(mail(headers, body), collapse_quotes=False)
+    assert parsed.text == "This line is soft-wrapped.\n> quoted and wrapped\n-- \nsig"
+
+
+def test_mixed_body_parts_are_joined_in_order() -> None:
+    body = multipart(
+        part("Content-Type: text/plain", "First part."),
+        part("Content-Type: text/plain", "-- \nList footer"),
+    )
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
+    assert parsed.text == "First part.\n\n-- \nList footer"
+
+
+# --- headers --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        ("=?utf-8?q?Gr=C3=BC=C3=9Fe?=", "Grüße"),
+        ("=?UTF-8?B?R3LDvMOfZQ==?=", "Grüße"),
+        ("=?iso-8859-1?q?Gr=FC=DFe_aus_K=F6ln?=", "Grüße aus Köln"),
+        ("Re: =?utf-8?q?Gr=C3=BC=C3=9Fe?= from Bob", "Re: Grüße from Bob"),
+        # Folded: the whitespace between two encoded-words disappears.
+        ("=?utf-8?q?one_?=\n =?utf-8?q?two?=", "one two"),
+        ("=?utf-8?b?R3LD?=\n =?utf-8?b?vMOfZQ==?=", "Grüße"),  # "ü" split across words
+        ("=?utf-8?q?caf=C3=A9?= =?iso-8859-1?q?_cr=E8me?=", "café crème"),
+        ("Plain\n  folded   subject", "Plain folded subject"),
+        ("=?x-unknown?q?caf=C3=A9?=", "café"),
+        ("=?utf-8?b?not base64?=", "=?utf-8?b?not base64?="),
+        ("Tab\tand\x01control", "Tab and control"),
+    ],
+)
+def test_rfc2047_subjects(subject: str, expected: str) -> None:
+    headers = f"From: bob@example.org\nSubject: {subject}"
+    assert parse_mail(mail(headers)).subject == expected
+
+
+def test_raw_utf8_headers_are_decoded() -> None:
+    raw = mail("From: Jörg <joerg@example.de>\nSubject: Grüße")
+    parsed = parse_mail(raw)
+    assert parsed.subject == "Grüße"
+    assert parsed.from_ == Address("Jörg", "joerg@example.de")
+
+
+def test_missing_subject_is_empty() -> None:
+    assert parse_mail(mail("From: bob@example.org")).subject == ""
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("From: =?utf-8?q?J=C3=B6rg?= <Joerg@Example.DE>", Address("Jörg", "Joerg@example.de")),
+        (
+            'From: "Bob, the Builder" <bob@example.org>',
+            Address("Bob, the Builder", "bob@example.org"),
+        ),
+        ('From: "=?utf-8?q?J=C3=B6rg?=" <j@x.de>', Address("Jörg", "j@x.de")),
+        ("From: bob@EXAMPLE.org (Bob)", Address("Bob", "bob@example.org")),
+        ('From: "Bob" <not-an-address>', Address("Bob", "")),
+        ("From: Just A Name", None),
+        ("From: <>", None),
+        ("From: ", None),
+    ],
+)
+def test_from_addresses(header: str, expected: Address | None) -> None:
+    assert parse_mail(mail(header)).from_ == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "field", "expected"),
+    [
+        ("Message-ID: <abc@example.org>", "message_id", "abc@example.org"),
+        ("Message-ID:   <abc@example.org>  (comment)", "message_id", "abc@example.org"),
+        ("Message-ID: abc@example.org", "message_id", "abc@example.org"),
+        ("Message-ID: garbage", "message_id", None),
+        ("Message-ID: <>", "message_id", None),
+        ("Subject: no id", "message_id", None),
+        ("In-Reply-To: <p@x>", "in_reply_to", ["p@x"]),
+        ("In-Reply-To: <p@x> (Bob's message of Monday)", "in_reply_to", ["p@x"]),
+        ("References: <a@x> <b@x>\n\t<c@x>", "references", ["a@x", "b@x", "c@x"]),
+        ("References: <a@x> <a@x> <b@x>", "references", ["a@x", "b@x"]),
+        ("References: <a@x>\nReferences: <b@x>", "references", ["a@x", "b@x"]),
+        ("Subject: x", "references", []),
+        ("List-Id: Friends of Cloakroom <Friends.Example.ORG>", "list_id", "friends.example.org"),
+        ("List-Id: friends.example.org", "list_id", "friends.example.org"),
+        ("List-Id: no list here", "list_id", None),
+        ("Auto-Submitted: auto-replied", "auto_submitted", "auto-replied"),
+        (
+            "Auto-Submitted: Auto-Generated; owner-email=x@y",
+            "auto_submitted",
+            "auto-generated; owner-email=x@y",
+        ),
+        ("Auto-Submitted: no", "auto_submitted", None),
+        ("Auto-Submitted: No ", "auto_submitted", None),
+        ("Precedence: BULK", "precedence", "bulk"),
+        ("Precedence: list", "precedence", "list"),
+        ("Subject: x", "precedence", None),
+    ],
+)
+def test_threading_and_list_headers(headers: str, field: str, expected: object) -> None:
+    parsed = parse_mail(mail("From: bob@example.org\n" + headers))
+    assert getattr(parsed, field) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("Date: Mon, 1 Jan 2024 10:00:00 +0100", datetime(2024, 1, 1, 9, 0, tzinfo=UTC)),
+        ("Date: Mon, 1 Jan 2024 10:00:00 -0000", datetime(2024, 1, 1, 10, 0, tzinfo=UTC)),
+        ("Date: yesterday-ish", None),
+        ("Date: Mon, 1 Jan 99999 10:00:00 +0000", None),
+        ("Subject: none", None),
+    ],
+)
+def test_dates(header: str, expected: datetime | None) -> None:
+    assert parse_mail(mail("From: bob@example.org\n" + header)).date == expected
+
+
+def test_participants_dedupe_keeps_order_and_fills_in_names() -> None:
+    headers = (
+        "From: bob@example.org\n"
+        "To: Alice <alice@example.net>, Bob <BOB@Example.org>\n"
+        "Cc: carol@example.com, alice@EXAMPLE.NET, Undisclosed:;\n"
+        "Reply-To: list@example.com"
+    )
+    assert parse_mail(mail(headers)).participants() == [
+        Address("Bob", "bob@example.org"),
+        Address("Alice", "alice@example.net"),
+        Address("", "carol@example.com"),
+        Address("", "list@example.com"),
+    ]
+
+
+# --- attachments ----------------------------------------------------------------------------------
+
+
+def attachment_part(content_type: str, data: bytes, extra: str = "") -> bytes:
+    headers = f"Content-Type: {content_type}\nContent-Transfer-Encoding: base64" + extra
+    return part(headers, base64.encodebytes(data))
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data", "filename", "msgtype", "size"),
+    [
+        ("image/png", png(3, 2), "pic.png", "m.image", (3, 2)),
+        ("image/gif", gif(5, 7), "anim.gif", "m.image", (5, 7)),
+        ("image/jpeg", jpeg(640, 480), "photo.jpg", "m.image", (640, 480)),
+        ("image/jpeg", jpeg(17, 9, sof=0xC2), "progressive.jpg", "m.image", (17, 9)),
+        ("image/webp", webp_vp8x(300, 200), "a.webp", "m.image", (300, 200)),
+        ("image/webp", webp_vp8l(33, 44), "b.webp", "m.image", (33, 44)),
+        ("image/webp", webp_vp8(12, 34), "c.webp", "m.image", (12, 34)),
+        ("image/png", b"not a png at all", "broken.png", "m.image", None),
+        # An SVG can carry script: a file, and no dimensions read.
+        ("image/svg+xml", b"<svg width='10' height='10'/>", "logo.svg", "m.file", None),
+        ("video/mp4", b"\x00\x00\x00\x18ftypmp42", "clip.mp4", "m.video", None),
+        ("audio/mpeg", b"ID3\x03\x00", "song.mp3", "m.audio", None),
+        ("application/pdf", b"%PDF-1.4", "doc.pdf", "m.file", None),
+        # A PNG sent as octet-stream is still a file: the msgtype follows the declared type.
+        ("application/octet-stream", png(3, 2), "x.png", "m.file", None),
+    ],
+)
+def test_attachments_msgtype_and_dimensions(
+    content_type: str, data: bytes, filename: str, msgtype: str, size: tuple[int, int] | None
+) -> None:
+    body = multipart(
+        part("Content-Type: text/plain", "See attached."),
+        attachment_part(
+            f'{content_type}; name="{filename}"',
+            data,
+            f'\nContent-Disposition: attachment; filename="{filename}"',
+        ),
+    )
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
+    assert parsed.text == "See attached."
+    [attachment] = parsed.attachments
+    assert attachment.filename == filename
+    assert attachment.content_type == content_type
+    assert attachment.data == data
+    assert attachment.msgtype == msgtype
+    assert (attachment.width, attachment.height) == (size or (None, None))
+    assert attachment.inline is False
+
+
+@pytest.mark.parametrize(
+    ("disposition", "expected"),
+    [
+        # RFC 2231 with charset and language, as Thunderbird sends it.
+        (
+            "attachment; filename*=UTF-8''Gr%C3%BC%C3%9Fe%20aus%20K%C3%B6ln.pdf",
+            "Grüße aus Köln.pdf",
+        ),
+        # RFC 2231 continuations.
+        ("attachment; filename*0*=UTF-8''Gr%C3%BC; filename*1*=%C3%9Fe.pdf", "Grüße.pdf"),
+        # RFC 2047 inside the quoted parameter: wrong by the book, common in practice.
+        ('attachment; filename="=?utf-8?q?Gr=C3=BC=C3=9Fe.pdf?="', "Grüße.pdf"),
+        ('attachment; filename="../../etc/passwd"', "passwd"),
+        ("attachment", "attachment.pdf"),
+    ],
+)
+def test_attachment_filenames_from_headers(disposition: str, expected: str) -> None:
+    body = multipart(
+        part("Content-Type: text/plain", "x"),
+        attachment_part("application/pdf", b"%PDF", f"\nContent-Disposition: {disposition}"),
+    )
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
+    assert [a.filename for a in parsed.attachments] == [expected]
+
+
+def test_inline_cid_image_is_marked_inline_and_dropped_from_the_html() -> None:
+    related = multipart(
+        part("Content-Type: text/html", '<p>Logo: <img src="cid:logo@x" alt="logo"></p>'),
+        attachment_part("image/png", png(4, 4), "\nContent-ID: <logo@x>"),
+        attachment_part("image/gif", gif(1, 1), "\nContent-ID: <unused@x>"),
+        boundary="REL",
+    )
+    body = multipart(
+        part("Content-Type: text/plain", "Logo: [logo]"),
+        part("Content-Type: multipart/related; boundary=REL", related),
+    )
+    headers = HEAD + "\nContent-Type: multipart/alternative; boundary=BOUNDARY"
+    parsed = parse_mail(mail(headers, body))
+    assert parsed.text == "Logo: [logo]"
+    assert parsed.html == "<p>Logo: </p>"
+    logo, unused = parsed.attachments
+    assert (logo.content_id, logo.inline, logo.msgtype, logo.filename) == (
+        "logo@x",
+        True,
+        "m.image",
+        "image.png",
+    )
+    assert (unused.content_id, unused.inline) == ("unused@x", False)
+
+
+def test_disposition_inline_marks_inline() -> None:
+    body = multipart(
+        part("Content-Type: text/plain", "x"),
+        attachment_part("image/png", png(1, 1), "\nContent-Disposition: inline"),
+    )
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
+    assert [a.inline for a in parsed.attachments] == [True]
+
+
+def test_message_rfc822_becomes_an_eml_attachment() -> None:
+    inner = mail(
+        "From: carol@example.com\nSubject: =?utf-8?q?Original_=C3=BCber?=\nMessage-ID: <in@x>",
+        "The forwarded text.\n",
+    )
+    body = multipart(
+        part("Content-Type: text/plain", "Forwarding this."),
+        part("Content-Type: message/rfc822", inner),
+    )
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
+    assert parsed.text == "Forwarding this."
+    [eml] = parsed.attachments
+    assert (eml.filename, eml.content_type, eml.msgtype) == (
+        "Original über.eml",
+        "message/rfc822",
+        "m.file",
+    )
+    assert b"The forwarded text." in eml.data and b"Message-ID: <in@x>" in eml.data
+    assert parse_mail(eml.data).text == "The forwarded text."
+
+
+def test_calendar_in_alternative_becomes_an_attachment() -> None:
+    body = multipart(
+        part("Content-Type: text/plain", "Invitation: lunch"),
+        part("Content-Type: text/html", "<p>Invitation: <b>lunch</b></p>"),
+        part("Content-Type: text/calendar; method=REQUEST", "BEGIN:VCALENDAR\nEND:VCALENDAR\n"),
+        part("Content-Type: text/x-amp-html", "<html amp4email>AMP</html>"),
+    )
+    parsed = parse_mail(
+        mail(HEAD + "\nContent-Type: multipart/alternative; boundary=BOUNDARY", body)
+    )
+    assert parsed.text == "Invitation: lunch"
+    assert [(a.filename, a.content_type) for a in parsed.attachments] == [
+        ("invite.ics", "text/calendar")
+    ]
+
+
+def test_text_part_with_a_filename_is_an_attachment() -> None:
+    body = multipart(
+        part("Content-Type: text/plain", "Body."),
+        part('Content-Type: text/plain\nContent-Disposition: inline; filename="notes.txt"', "N"),
+    )
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
+    assert parsed.text == "Body."
+    assert [(a.filename, a.data, a.inline) for a in parsed.attachments] == [
+        ("notes.txt", b"N", True)
+    ]
+
+
+# --- damaged mail -------------------------------------------------------------------------------
+
+
+def test_broken_base64_attachment_is_noted_and_the_text_survives() -> None:
+    body = multipart(
+        part("Content-Type: text/plain", "The text."),
+        part(
+            "Content-Type: application/pdf\nContent-Transfer-Encoding: base64",
+            "JVBERi0xLjQK!!!@@@ this is ### not base64 ***\nJVBERi0x",
+        ),
+    )
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
+    assert parsed.text == "The text."
+    assert parsed.problems == [
+        "Part 3 (application/pdf) may be damaged: its base64 encoding is broken"
+    ]
+    assert [a.content_type for a in parsed.attachments] == ["application/pdf"]
+
+
+def test_broken_base64_text_part_is_dropped_with_a_note() -> None:
+    body = multipart(
+        part("Content-Type: text/plain\nContent-Transfer-Encoding: base64", "SGVsbG8*&^%$#\nx"),
+        part("Content-Type: text/plain", "The second part."),
+    )
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
+    assert parsed.text == "The second part."
+    assert parsed.problems == ["Part 2 (text/plain) could not be decoded"]
+
+
+def test_missing_padding_is_not_damage() -> None:
+    headers = HEAD + "\nContent-Type: text/plain\nContent-Transfer-Encoding: base64"
+    parsed = parse_mail(mail(headers, "SGVsbG8"))
+    assert (parsed.text, parsed.problems) == ("Hello", [])
+
+
+def test_wrong_boundary_is_guessed() -> None:
+    body = multipart(
+        part("Content-Type: text/plain", "Found anyway."),
+        attachment_part("application/pdf", b"%PDF"),
+        boundary="ACTUAL",
+    )
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=DECLARED", body))
+    assert parsed.text == "Found anyway."
+    assert [a.data for a in parsed.attachments] == [b"%PDF"]
+    assert parsed.problems == [
+        "Part 1 (multipart/mixed) has a wrong boundary; its parts were guessed"
+    ]
+
+
+def test_multipart_without_boundary_is_shown_as_text() -> None:
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed", "Just some text.\n"))
+    assert parsed.text == "Just some text."
+    assert parsed.problems == ["Part 1 (multipart/mixed) has no usable boundary; shown as text"]
+
+
+def nested(depth: int) -> bytes:
+    body = part("Content-Type: text/plain", "deep text")
+    for level in reversed(range(depth)):
+        body = part(
+            f"Content-Type: multipart/mixed; boundary=b{level}",
+            multipart(body, boundary=f"b{level}"),
+        )
+    return mail(HEAD).rsplit(b"\r\n\r\n", 1)[0] + b"\r\n" + body
+
+
+WHOLE = "The message structure could not be read; it is attached whole"
+
+
+@pytest.mark.parametrize(
+    ("depth", "text", "problem"),
+    [
+        (MAX_DEPTH, "deep text", None),
+        (MAX_DEPTH + 1, "", "Part 22 (text/plain) is nested too deeply and was skipped"),
+        (MAX_PARSE_DEPTH, "", "Part 22 (multipart/mixed) is nested too deeply and was skipped"),
+        # Deeper than this, the stdlib parser's time grows with lines × depth: not parsed.
+        (MAX_PARSE_DEPTH + 1, "", WHOLE),
+        (3000, "", WHOLE),
+    ],
+)
+def test_absurd_nesting(depth: int, text: str, problem: str | None) -> None:
+    raw = nested(depth)
+    parsed = parse_mail(raw)
+    assert parsed.text == text
+    assert parsed.subject == "Hi"
+    assert parsed.problems == ([problem] if problem else [])
+    if problem == WHOLE:
+        assert [(a.filename, a.data) for a in parsed.attachments] == [("message.eml", raw)]
+
+
+def test_embedded_messages_deeper_than_the_parser_can_recurse() -> None:
+    raw = mail(HEAD + "\nContent-Type: message/rfc822", b"Content-Type: message/rfc822\n\n" * 3000)
+    parsed = parse_mail(raw)
+    assert (parsed.subject, parsed.problems) == ("Hi", [WHOLE])
+
+
+def test_too_many_parts() -> None:
+    parts = [part("Content-Type: application/octet-stream", "x") for _ in range(MAX_PARTS + 50)]
+    body = multipart(part("Content-Type: text/plain", "Body."), *parts)
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
+    assert parsed.text == "Body."
+    assert len(parsed.attachments) == MAX_PARTS - 2  # the container and the text count as parts
+    assert parsed.problems == [
+        f"The message has more than {MAX_PARTS} parts; the rest were skipped"
+    ]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x00\xff\xfe",
+        b"no headers at all",
+        b"Subject: " + b"x" * 200_000 + b"\r\n\r\nbody",
+        b"From: " + b"<a@b>, " * 20_000 + b"\r\n\r\nbody",
+        b'Content-Type: text/plain; charset="\r\n\r\nbody',
+        b"Content-Type: ;;;===\r\nContent-Transfer-Encoding: base64\r\n\r\n====",
+    ],
+)
+def test_garbage_never_raises(raw: bytes) -> None:
+    parsed = parse_mail(raw)
+    assert isinstance(parsed, ParsedMail)
+    assert render_message(parsed, root=True).body
+
+
+# --- quote collapsing ---------------------------------------------------------------------------
+
+PLAIN_QUOTES = [
+    # (original, collapsed)
+    ("Thanks!\n\nOn Mon, 1 Jan 2024, Bob <b@x> wrote:\n> old\n> stuff\n", "Thanks!"),
+    (
+        "Thanks!\nOn Mon, 1 Jan 2024 at 10:00, Bob Example <\nbob@example.org> wrote:\n\n> old",
+        "Thanks!",
+    ),
+    ("Danke!\n\nAm 01.01.2024 um 10:00 schrieb Bob <b@x>:\n> alt", "Danke!"),
+    ("Merci !\n\nLe lun. 1 janv. 2024 à 10:00, Bob <b@x> a écrit :\n> vieux", "Merci !"),
+    ("No attribution.\n\n> just a quote\n>\n> more\n\n", "No attribution."),
+    ("Yes.\n\n-----Original Message-----\nFrom: Bob\nSent: Monday\n\nold body", "Yes."),
+    ("Yes.\n\n________________________________\nFrom: Bob <b@x>\nSent: Monday\n\nold", "Yes."),
+    ("Reply.\n-- \nBob's signature\n\nOn Mon, Bob wrote:\n> old", "Reply.\n-- \nBob's signature"),
+    # Interleaved (inline) replies keep their quotes.
+    (
+        "> question one\nanswer one\n> question two\nanswer two\n",
+        "> question one\nanswer one\n> question two\nanswer two\n",
+    ),
+    # ...and only the trailing rest of the original goes.
+    ("> q1\na1\n\n> rest of\n> the original\n", "> q1\na1"),
+    # Nothing but a quote: keep it rather than send nothing.
+    ("On Mon, Bob wrote:\n> everything\n", "On Mon, Bob wrote:\n> everything\n"),
+    (
+        "-----Original Message-----\nFrom: Bob\n\nold",
+        "-----Original Message-----\nFrom: Bob\n\nold",
+    ),
+    ("No quote here.\nBob wrote: nothing", "No quote here.\nBob wrote: nothing"),
+]
+
+
+@pytest.mark.parametrize(("original", "expected"), PLAIN_QUOTES)
+def test_plain_quote_collapsing(original: str, expected: str) -> None:
+    assert collapse_plain_quotes(original) == expected
+
+
+@pytest.mark.parametrize(("original", "expected"), PLAIN_QUOTES)
+def test_collapse_quotes_false_keeps_everything(original: str, expected: str) -> None:
+    raw = mail(HEAD + "\nContent-Type: text/plain; charset=utf-8", original)
+    assert parse_mail(raw, collapse_quotes=False).text == original.rstrip()
+    assert parse_mail(raw).text == expected.rstrip()
+
+
+HTML_QUOTES = [
+    # Apple Mail
+    (
+        "<div>Thanks!</div><div><br></div><div>On 1 Jan 2024, at 10:00, Bob &lt;b@x&gt; wrote:"
+        '<br></div><blockquote type="cite"><div>old</div></blockquote>',
+        "<div>Thanks!</div>",
+    ),
+    # Thunderbird
+    (
+        '<p>Sure</p><div class="moz-cite-prefix">On 01.01.24 10:00, Bob wrote:<br></div>'
+        '<blockquote type="cite">old</blockquote><br>',
+        "<p>Sure</p>",
+    ),
+    # Gmail
+    (
+        '<div dir="ltr">Yes</div><br><div class="gmail_quote"><div dir="ltr" class="gmail_attr">'
+        'On Mon, Bob &lt;b@x&gt; wrote:<br></div><blockquote class="gmail_quote" style="margin:0">'
+        "old</blockquote></div>",
+        "<div>Yes</div>",
+    ),
+    # Outlook: everything from the reply header to the end is the original.
+    (
+        '<div>Yes</div><div id="appendonsend"></div><hr style="display:inline-block">'
+        '<div id="divRplyFwdMsg"><b>From:</b> Bob</div><div>old body</div>',
+        "<div>Yes</div>",
+    ),
+    ("<p>Yes</p><p>-----Original Message-----<br>From: Bob</p><p>old</p>", "<p>Yes</p>"),
+    # Interleaved: kept.
+    (
+        '<blockquote type="cite">q1</blockquote><p>a1</p><blockquote type="cite">q2</blockquote>'
+        "<p>a2</p>",
+        "<blockquote>q1</blockquote><p>a1</p><blockquote>q2</blockquote><p>a2</p>",
+    ),
+    # Interleaved, then the rest of the original at the end: only that goes.
+    (
+        '<blockquote type="cite">q1</blockquote><p>a1</p><blockquote type="cite">rest</blockquote>',
+        "<blockquote>q1</blockquote><p>a1</p>",
+    ),
+    # Only a quote: kept.
+    ('<blockquote type="cite">all quote</blockquote>', "<blockquote>all quote</blockquote>"),
+    # A plain blockquote (no cite marker) is content, not a reply quote.
+    (
+        "<p>As the poet said:</p><blockquote>verse</blockquote>",
+        "<p>As the poet said:</p><blockquote>verse</blockquote>",
+    ),
+]
+
+
+@pytest.mark.parametrize(("original", "expected"), HTML_QUOTES)
+def test_html_quote_collapsing(original: str, expected: str) -> None:
+    raw = mail(HEAD + "\nContent-Type: text/html; charset=utf-8", original)
+    assert parse_mail(raw).html == expected
+
+
+def test_html_collapse_quotes_false_keeps_the_quote() -> None:
+    original, _ = HTML_QUOTES[0]
+    raw = mail(HEAD + "\nContent-Type: text/html; charset=utf-8", original)
+    parsed = parse_mail(raw, collapse_quotes=False)
+    assert parsed.html is not None and "<blockquote>" in parsed.html and "old" in parsed.html
+    assert parsed.text.endswith("> old")
+
+
+def test_forwards_keep_their_quoted_content() -> None:
+    headers = HEAD.replace("Subject: Hi", "Subject: Fwd: the plan")
+    original = "See below.\n\n-----Original Message-----\nFrom: Carol\n\nThe plan."
+    assert parse_mail(mail(headers, original)).text == original
+
+
+# --- render_message -------------------------------------------------------------------------------
+
+
+def parsed_mail(**fields: object) -> ParsedMail:
+    return ParsedMail(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "root", "body", "formatted"),
+    [
+        (
+            {"subject": "Lunch", "text": "At noon?"},
+            True,
+            "Lunch\n\nAt noon?",
+            "<strong>Lunch</strong><br><br>At noon?",
+        ),
+        ({"subject": "Lunch", "text": "At noon?"}, False, "At noon?", None),
+        (
+            {"subject": "A <b> & c", "text": "1 < 2\nnext"},
+            True,
+            "A <b> & c\n\n1 < 2\nnext",
+            "<strong>A &lt;b&gt; &amp; c</strong><br><br>1 &lt; 2<br>next",
+        ),
+        (
+            {"subject": "Lunch", "text": "At noon?", "html": "<p>At <b>noon</b>?</p>"},
+            True,
+            "Lunch\n\nAt noon?",
+            "<strong>Lunch</strong><br><br><p>At <b>noon</b>?</p>",
+        ),
+        (
+            {"subject": "Lunch", "text": "At noon?", "html": "<p>At <b>noon</b>?</p>"},
+            False,
+            "At noon?",
+            "<p>At <b>noon</b>?</p>",
+        ),
+        ({"subject": "", "text": "Untitled"}, True, "Untitled", None),
+        (
+            {"subject": "Only a subject", "text": ""},
+            True,
+            f"Only a subject\n\n{PLACEHOLDER}",
+            f"<strong>Only a subject</strong><br><br>{PLACEHOLDER}",
+        ),
+        ({"subject": "", "text": "  \n"}, False, PLACEHOLDER, None),
+        # HTML that shows nothing is not worth sending.
+        ({"subject": "", "text": "", "html": "<p> </p>"}, False, PLACEHOLDER, None),
+    ],
+)
+def test_render_message(
+    fields: dict[str, object], root: bool, body: str, formatted: str | None
+) -> None:
+    content = render_message(parsed_mail(**fields), root=root)
+    assert (content.body, content.formatted_body, content.truncated) == (body, formatted, False)
+
+
+@pytest.mark.parametrize("html", [None, "<p>" + "<b>bold</b> ünïcödé " * 20_000 + "</p>"])
+def test_render_message_truncates_to_fit_an_event(html: str | None) -> None:
+    mail_ = parsed_mail(subject="Big", text="ünïcödé text " * 50_000, html=html)
+    content = render_message(mail_, root=True, budget=40_000)
+    assert content.truncated
+    size = len(content.body.encode("unicode_escape")) + len(
+        (content.formatted_body or "").encode("unicode_escape")
+    )
+    assert size <= 40_000
+    assert content.body.startswith("Big\n\nünïcödé text") and content.body.endswith("truncated)")
+    if html is not None:
+        assert content.formatted_body is not None
+        assert content.formatted_body.startswith("<strong>Big</strong><br><br><p><b>bold</b>")
+        assert content.formatted_body.endswith("</p><p><em>(message truncated)</em></p>")
+
+
+# --- media ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type", "expected"),
+    [
+        ("report.pdf", "application/pdf", "report.pdf"),
+        ("../../etc/passwd", "application/octet-stream", "passwd"),
+        ("C:\\Users\\bob\\report.pdf", "application/pdf", "report.pdf"),
+        ("a\r\nBcc: x", "text/plain", "a Bcc x"),
+        ("tab\there\x00nul\x7fdel.txt", "text/plain", "tab here nul del.txt"),
+        (".bashrc", "text/plain", "bashrc"),
+        ("...", "image/png", "image.png"),
+        ("..", "image/jpeg", "image.jpg"),
+        ("dir/", "application/pdf", "attachment.pdf"),
+        ("", "application/octet-stream", "attachment.bin"),
+        (None, "text/calendar", "invite.ics"),
+        (None, "audio/ogg", "audio.ogg"),
+        (None, "video/x-unknown", "video.bin"),
+        ("Grüße   aus\u3000Köln.txt", "text/plain", "Grüße aus Köln.txt"),
+        ("日本語のファイル.pdf", "application/pdf", "日本語のファイル.pdf"),
+        # Right-to-left override would show "invoiceexe.png".
+        ("invoice\u202egnp.exe", "application/octet-stream", "invoicegnp.exe"),
+        ('what?<is>"this"|*.txt', "text/plain", "what is this .txt"),
+        ("trailing dots. . .", "text/plain", "trailing dots"),
+        ("x" * 300 + ".pdf", "application/pdf", "x" * 251 + ".pdf"),
+        ("ü" * 200 + ".txt", "text/plain", "ü" * 125 + ".txt"),
+        ("y" * 300, "application/octet-stream", "y" * 255),
+    ],
+)
+def test_sanitize_filename(name: str | None, content_type: str, expected: str) -> None:
+    result = sanitize_filename(name, content_type)
+    assert result == expected
+    assert len(result.encode("utf-8")) <= 255
+
+
+@pytest.mark.parametrize(
+    ("content_type", "msgtype"),
+    [
+        ("image/png", "m.image"),
+        ("image/svg+xml", "m.file"),
+        ("video/webm", "m.video"),
+        ("audio/ogg", "m.audio"),
+        ("application/pdf", "m.file"),
+        ("text/plain", "m.file"),
+    ],
+)
+def test_msgtype_for(content_type: str, msgtype: str) -> None:
+    assert msgtype_for(content_type) == msgtype
+
+
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [
+        (png(1, 1), (1, 1)),
+        (png(70_000, 3), (70_000, 3)),
+        (gif(65_535, 2), (65_535, 2)),
+        (jpeg(1, 1, sof=0xC1), (1, 1)),
+        (jpeg(8, 9, sof=0xCF), (8, 9)),
+        # Fill bytes and a stand-alone marker (no length field) before the frame header.
+        (b"\xff\xd8\xff\xff\xff\xd0" + jpeg(5, 6)[2:], (5, 6)),
+        (webp_vp8x(16_777_216, 1), (16_777_216, 1)),
+        (webp_vp8l(16_384, 16_384), (16_384, 16_384)),
+    ],
+)
+def test_image_dimensions(data: bytes, size: tuple[int, int]) -> None:
+    assert image_dimensions(data) == size
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x89PNG\r\n\x1a\n",
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\x00\x00",
+        b"GIF89a\x01",
+        b"\xff\xd8",
+        b"\xff\xd8\xff\xe0\x00\x00",  # a zero segment length would loop forever
+        b"\xff\xd8\xff\xc0\x00\x11\x08",
+        b"\xff\xd8" + b"\xff\xe1\xff\xff" * 100,
+        b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+        b"RIFF\x00\x00\x00\x00WEBPVP8L\x00\x00\x00\x00\x2f",
+        b"RIFF\x00\x00\x00\x00WEBPVP8X\x00",
+        png(0, 5),
+    ],
+)
+def test_image_dimensions_of_truncated_or_invalid_data(data: bytes) -> None:
+    assert image_dimensions(data) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "charset", "expected"),
+    [
+        (b"caf\xc3\xa9", "utf-8", "café"),
+        (b"caf\xe9", "utf-8", "café"),  # mislabelled Latin-1
+        (b"caf\xe9", None, "café"),
+        # Bytes windows-1252 leaves undefined: replaced, not passed on as C1 control characters.
+        (b"ok \x81\x8d", "windows-1252", "ok \ufffd\ufffd"),
+        (b"caf\xc3\xa9", '"UTF-8"', "café"),
+        (b"\xa4", "iso-8859-15", "€"),
+        (b"caf\xc3\xa9", "rot13", "café"),
+    ],
+)
+def test_decode_bytes(data: bytes, charset: str | None, expected: str) -> None:
+    assert decode_bytes(data, charset) == expected
