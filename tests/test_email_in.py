@@ -195,7 +195,11 @@ async def test_group_mail_gets_a_group_room_with_two_ghosts(running: Env) -> Non
     room_id = await accept_invite(alice)
     await _texts(alice, room_id, 1)
     members = set(alice.rooms[room_id].users)
-    assert _ghost("bob@example.org") in members
+    ghosts = {_ghost("bob@example.org"), _ghost("carol@example.net"), _ghost("dave@example.com")}
+    assert ghosts <= members, members
+    assert alice.rooms[room_id].user_name(_ghost("carol@example.net")) == (
+        "Carol (carol@example.net)"
+    )
     # The other participants are part of the conversation's identity (room name, key).
     assert "Bob Example" in alice.rooms[room_id].name
     assert "Carol" in alice.rooms[room_id].name

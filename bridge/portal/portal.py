@@ -83,9 +83,16 @@ class PortalManager:
     async def deliver(self, job: MailJob) -> None:
         """Post a mail into its portal. Raises on failure; the caller retries (idempotently)."""
         mail = parse_mail(job.raw, collapse_quotes=self.collapse_quotes)
-        portal = await self._portal_for(job, mail)
+        conv = self._conversation(mail, job)
+        portal = await self._portal_for(job, mail, conv)
         room_id = await self._ensure_room(portal)
         author = self._author(mail, job)
+        if portal.kind == "group":
+            # Everyone on the mail is in the conversation, so everyone is in the room.
+            for person in conv.participants:
+                if person.address != author.address:
+                    ghost = await self.ghosts.intent(person.address, person.name)
+                    await ensure_member(ghost, self.bot, room_id)
         intent = await self.ghosts.intent(author.address, author.name)
         await ensure_member(intent, self.bot, room_id)
         await self._post(job, mail, room_id, intent)
@@ -114,14 +121,16 @@ class PortalManager:
         name = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         return Conversation("group", "group:" + ",".join(addresses), name, externals)
 
-    async def _portal_for(self, job: MailJob, mail: ParsedMail) -> PortalRow:
+    async def _portal_for(self, job: MailJob, mail: ParsedMail, conv: Conversation) -> PortalRow:
         # A reply stays in the room of the message it answers, even if the Cc list changed.
         room_id = await self.messages.rooms_knowing(job.owner, _thread_refs(mail))
         if room_id:
             portal = await self.portals.by_room(room_id)
             if portal:
                 return portal
-        conv = self._conversation(mail, job)
+        existing = await self.portals.by_key(job.owner, conv.key)
+        if existing:
+            return existing
         return await self.portals.get_or_create(
             job.owner, conv.key, conv.kind, conv.name, [a.address for a in conv.participants]
         )
