@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import asyncpg
 import pytest
+from mautrix.util.async_db import Database
+from yarl import URL
+
+from bridge.db import open_database
 
 from .harness import Env
+from .postgres import UNAVAILABLE, postgres_uri
 from .stack import start_stack, stop_stack
 
 
@@ -38,3 +46,39 @@ async def running(env: Env) -> AsyncIterator[Env]:
         yield env
     finally:
         await env.close()
+
+
+# Databases for component tests: SQLite, and PostgreSQL when one can be had.
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str | None]:
+    with postgres_uri() as uri:
+        yield uri
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:{tmp_path / 'bridge.db'}"
+        return
+    server: str | None = request.getfixturevalue("pg_server")
+    if server is None:
+        pytest.skip(UNAVAILABLE)
+    # A fresh database per test, so tests stay independent.
+    name = f"cloakroom_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield str(URL(server).with_path(f"/{name}"))
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    db = await open_database(db_url)
+    try:
+        yield db
+    finally:
+        await db.stop()

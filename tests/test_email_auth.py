@@ -7,7 +7,6 @@ are made with a key generated for the run, and verdicts come out of the real che
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -19,8 +18,6 @@ import dns.nameserver
 import dns.resolver
 import pytest
 import spf as pyspf
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bridge.config import Config, ConfigError
 from bridge.email.auth import AuthConfig, Authenticator, AuthVerdict, DnsTempError, Resolver
@@ -28,6 +25,7 @@ from bridge.email.auth.dmarc import DmarcRecord
 from bridge.email.auth.results import parse
 from bridge.email.auth.spf import check_spf
 
+from .dkimkeys import Key, make_key
 from .dnsserver import DnsServer
 
 ATTACKER_IP = "203.0.113.66"
@@ -39,28 +37,9 @@ def server() -> Iterator[DnsServer]:
         yield dns_server
 
 
-@dataclass(frozen=True)
-class Key:
-    private_pem: bytes
-    public_b64: str
-
-    @property
-    def record(self) -> str:
-        return f"v=DKIM1; k=rsa; p={self.public_b64}"
-
-
 @pytest.fixture(scope="session")
 def key() -> Key:
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = private.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = private.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return Key(pem, base64.b64encode(der).decode())
+    return make_key()
 
 
 def authenticator(server: DnsServer, timeout: float = 2.0, **config: object) -> Authenticator:

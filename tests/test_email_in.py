@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import smtplib
 import sqlite3
-from email.message import EmailMessage
 
 import pytest
 from nio import RoomEncryptionEvent, RoomMessageText
@@ -23,18 +22,27 @@ PNG_1x1 = bytes.fromhex(
 )
 
 
+def _msgtype(*types: str):
+    return lambda e: getattr(e, "source", {}).get("content", {}).get("msgtype") in types
+
+
+async def _events(client, room_id: str, predicate, count: int, timeout: float = 30) -> list:
+    """Wait until the room holds `count` events matching predicate; return them, oldest first."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        found = [e for e in await room_history(client, room_id) if predicate(e)]
+        if len(found) >= count or asyncio.get_running_loop().time() > deadline:
+            return found
+        await asyncio.sleep(0.5)
+
+
 def _ghost(address: str) -> str:
     return "@_email_" + address.replace("@", "=40") + ":localhost"
 
 
 async def _texts(client, room_id: str, count: int, timeout: float = 60) -> list[RoomMessageText]:
     """Wait until the room holds at least `count` text messages; return them, oldest first."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        texts = [e for e in await room_history(client, room_id) if isinstance(e, RoomMessageText)]
-        if len(texts) >= count or asyncio.get_running_loop().time() > deadline:
-            return texts
-        await asyncio.sleep(0.5)
+    return await _events(client, room_id, lambda e: isinstance(e, RoomMessageText), count, timeout)
 
 
 async def test_plain_mail_arrives_encrypted_from_the_ghost(running: Env) -> None:
@@ -115,13 +123,7 @@ async def test_attachment_is_encrypted_media_that_decrypts_to_the_original(runni
     await send(running.smtp_port, msg, [f"{_local(alice)}@localhost"])
     room_id = await accept_invite(alice)
     await _texts(alice, room_id, 1)
-    deadline = asyncio.get_running_loop().time() + 30
-    media: list = []
-    while len(media) < 2 and asyncio.get_running_loop().time() < deadline:
-        media = [e for e in await room_history(alice, room_id)
-                 if getattr(e, "source", {}).get("content", {}).get("msgtype") in
-                 ("m.file", "m.image")]
-        await asyncio.sleep(0.5)
+    media = await _events(alice, room_id, _msgtype("m.file", "m.image"), 2)
     assert len(media) == 2, [getattr(e, "source", e) for e in await room_history(alice, room_id)]
     by_type = {e.source["content"]["msgtype"]: e for e in media}
     pdf = by_type["m.file"].source["content"]
@@ -149,12 +151,7 @@ async def test_inline_cid_image_is_posted_as_encrypted_image(running: Env) -> No
                           filename="pic.png")
     await send(running.smtp_port, msg, [f"{_local(alice)}@localhost"])
     room_id = await accept_invite(alice)
-    deadline = asyncio.get_running_loop().time() + 30
-    images: list = []
-    while not images and asyncio.get_running_loop().time() < deadline:
-        images = [e for e in await room_history(alice, room_id)
-                  if getattr(e, "source", {}).get("content", {}).get("msgtype") == "m.image"]
-        await asyncio.sleep(0.5)
+    images = await _events(alice, room_id, _msgtype("m.image"), 1)
     assert images, "the inline image was not posted"
     content = images[0].source["content"]
     assert "file" in content and "url" not in content
@@ -287,5 +284,24 @@ async def test_raw_message_is_gone_from_the_database_after_delivery(running: Env
     assert mapped == 1, "the Message-ID ↔ event map must stay"
 
 
-def _message(to: str, n: int, tag: str) -> EmailMessage:
-    return make_mail(to=to, subject=f"{tag} {n}", text=f"{tag} body {n}")
+async def test_unreadable_part_becomes_a_notice_and_the_rest_arrives(running: Env) -> None:
+    alice = await running.new_user()
+    to = f"{_local(alice)}@localhost"
+    raw = (
+        f"From: Bob <bob@example.org>\r\nTo: {to}\r\nSubject: Broken\r\n"
+        f"Message-ID: <{unique()}@example.org>\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="XX"\r\n\r\n'
+        "--XX\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nthe readable part\r\n"
+        "--XX\r\nContent-Type: application/octet-stream; name=\"data.bin\"\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\n!!!! not base64 at all ####\r\n"
+        "--XX--\r\n"
+    ).encode()
+    await send(running.smtp_port, raw, [to])
+    room_id = await accept_invite(alice)
+    (text,) = await _texts(alice, room_id, 1)
+    assert "the readable part" in text.body
+    notices = await _events(alice, room_id, _msgtype("m.notice"), 1)
+    assert notices, "no notice about the unreadable part"
+    content = notices[0].source["content"]
+    assert content["body"].startswith("⚠")
+    assert content["m.relates_to"]["event_id"] == text.event_id

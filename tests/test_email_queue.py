@@ -9,57 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
-import asyncpg
 import pytest
 from mautrix.util.async_db import Database
-from yarl import URL
 
-from bridge.db import open_database
 from bridge.email.queue import InboundQueue, QueuedRecipient, now_ms
-
-from .postgres import UNAVAILABLE, postgres_uri
 
 ALICE, BOB, CAROL = "@alice:hs.test", "@bob:hs.test", "@carol:hs.test"
 HOLD_MS = 60_000
 BOB_KEY, LIST_KEY = "from:bob@example.test", "list:news.example.test"
 AUTH = {"from_domain": "example.test", "spf": "pass", "dkim": "none", "dmarc": "none"}
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[str | None]:
-    with postgres_uri() as uri:
-        yield uri
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    if request.param == "sqlite":
-        url = f"sqlite:{tmp_path / 'bridge.db'}"
-        database = await open_database(url)
-        try:
-            yield database
-        finally:
-            await database.stop()
-        return
-    server: str | None = request.getfixturevalue("pg_server")
-    if server is None:
-        pytest.skip(UNAVAILABLE)
-    # A fresh database per test, as in test_db.py, so tests stay independent.
-    name = f"cloakroom_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        database = await open_database(str(URL(server).with_path(f"/{name}")))
-        try:
-            yield database
-        finally:
-            await database.stop()
-            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @pytest.fixture

@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import smtplib
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from nio import RoomMessageText
 
+from .dkimkeys import Key, make_key
 from .harness import Env, accept_invite, room_history
 from .mail import make_mail, send, unique
 
 
 @pytest.fixture(scope="module")
-def rsa_key() -> tuple[bytes, str]:
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = private.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = private.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, base64.b64encode(der).decode()
+def key() -> Key:
+    return make_key()
 
 
 def _local(client) -> str:
@@ -43,18 +32,15 @@ async def _only_text(client, room_id: str) -> RoomMessageText:
     raise AssertionError("no message arrived")
 
 
-async def test_dkim_signed_mail_arrives_without_a_warning(
-    running: Env, rsa_key: tuple[bytes, str]
-) -> None:
-    pem, public = rsa_key
+async def test_dkim_signed_mail_arrives_without_a_warning(running: Env, key: Key) -> None:
     domain = f"{unique('signed')}.test"
-    running.dns.txt(f"sel._domainkey.{domain}", f"v=DKIM1; k=rsa; p={public}")
+    running.dns.txt(f"sel._domainkey.{domain}", key.record)
     running.dns.txt(f"_dmarc.{domain}", "v=DMARC1; p=reject")
     alice = await running.new_user()
     to = f"{_local(alice)}@localhost"
     msg = make_mail(to=to, sender=f"Sam <sam@{domain}>", subject="Signed", text="genuine")
     raw = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
-    signed = dkim.sign(raw, b"sel", domain.encode(), pem,
+    signed = dkim.sign(raw, b"sel", domain.encode(), key.private_pem,
                        include_headers=[b"from", b"to", b"subject", b"message-id"]) + raw
     await send(running.smtp_port, signed, [to], mail_from=f"sam@{domain}")
     room_id = await accept_invite(alice)
