@@ -27,6 +27,7 @@ test: $(VENV)/.installed-test system-deps
 # Performance is measured here, as ratios against a baseline in the same run; never in tests.
 bench: $(VENV)/.installed-test
 	$(VPY) -m bench.inbound $(BENCH_ARGS)
+	$(VPY) -m bench.outbound
 
 lint: $(VENV)/.installed-test
 	$(VPY) -m pip install --quiet ruff

@@ -40,6 +40,7 @@ async def start_env(base: Path) -> BenchEnv:
     extra = {
         "email.rate_limit.per_sender_per_hour": 1_000_000,
         "email.rate_limit.per_recipient_per_hour": 1_000_000,
+        "email.outbound.rate_limit": 1_000_000,
         "logging.loggers.bridge.level": "INFO",
     }
     env = await asyncio.to_thread(start_stack, base, extra)

@@ -44,6 +44,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--force", action="store_true", help="with -g: overwrite an existing registration file"
     )
     parser.add_argument("--version", action="version", version=f"Cloakroom {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    keygen = sub.add_parser(
+        "dkim-keygen", help="create a DKIM key, print the DNS record, and set it in the config"
+    )
+    keygen.add_argument("--selector", default="cloakroom", help="DKIM selector (default cloakroom)")
+    keygen.add_argument("--key", default="dkim.pem", help="where to write the private key")
     return parser.parse_args(argv)
 
 
@@ -111,6 +117,9 @@ def run_bridge(args: argparse.Namespace) -> int:
     except StartupError as e:
         log.critical("%s", e)
         return e.exit_code
+    except ConfigError as e:
+        log.critical("Config error in %s: %s", args.config, e)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         pass
     except Exception:
@@ -119,8 +128,30 @@ def run_bridge(args: argparse.Namespace) -> int:
     return 0
 
 
+def dkim_keygen(args: argparse.Namespace) -> int:
+    from .email.dkimsign import dns_record, dns_record_text, generate_key
+
+    try:
+        config = load_for_registration(args.config, os.environ)
+    except ConfigError as e:
+        return _fail(EXIT_CONFIG, f"config error in {args.config}: {e}")
+    try:
+        pem = generate_key(args.key)
+    except FileExistsError:
+        return _fail(EXIT_FAILURE, f"{args.key} already exists; choose another --key path")
+    key_path = os.path.abspath(args.key)
+    write_values(args.config, {"email.dkim.selector": args.selector,
+                               "email.dkim.private_key": key_path})
+    print(f"Wrote the private key to {key_path} and set email.dkim in {args.config}.")
+    print("Publish this TXT record, then restart the bridge:\n")
+    print(dns_record_text(args.selector, config.email_domain, dns_record(pem)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "dkim-keygen":
+        return dkim_keygen(args)
     if args.generate_registration:
         return generate_registration(args)
     return run_bridge(args)

@@ -20,14 +20,17 @@ from mautrix.util.async_db import Database
 from . import __version__
 from .config import Config
 from .crypto import CryptoAccount, EncryptedSender
-from .db import TxnLog, open_database
+from .db import BridgeState, TxnLog, open_database
 from .email.inbound import InboundMail
+from .email.outbound import OutboundWorker, build_outbound
 from .exitcodes import EXIT_DATABASE
 from .matrix.appservice import BridgeAppService
 from .matrix.bot import Bot
 from .matrix.handler import MatrixHandler
 from .permissions import Permissions
 from .portal import Ghosts, GhostStore, PortalManager
+from .portal.outbox import Outbox
+from .portal.outgoing import Outgoing, OutgoingSettings
 
 # The bridge waits this long at most between attempts to reach a homeserver that is down.
 MAX_RETRY_DELAY = 30
@@ -59,6 +62,7 @@ class Cloakroom:
         self.crypto: CryptoAccount | None = None
         self.handler: MatrixHandler | None = None
         self.inbound: InboundMail | None = None
+        self.outbound: OutboundWorker | None = None
         self._stopping = asyncio.Event()
         self._prune_task: asyncio.Task[None] | None = None
 
@@ -72,8 +76,9 @@ class Cloakroom:
         await intent.ensure_registered()
         await intent.set_displayname(self.config["appservice.bot_displayname"])
         await self._start_crypto(state_store)
+        self._start_hub(state_store)
         self._start_handlers(state_store)
-        await self._start_email(state_store)
+        await self._start_email()
         self._prune_task = asyncio.create_task(self._prune_transactions())
         # From here on, transactions that waited for start-up are processed.
         self.az.started.set()
@@ -122,33 +127,17 @@ class Cloakroom:
         self.az.device_list_handler = self.crypto.machine.handle_as_device_lists
         self.az.to_device_handler = self.crypto.machine.handle_as_to_device_event
 
-    def _start_handlers(self, state_store: PgASStateStore) -> None:
+    def _start_hub(self, state_store: PgASStateStore) -> None:
         cfg = self.config
-        self.sender = sender = EncryptedSender(self.crypto, state_store)
+        self.sender = EncryptedSender(self.crypto, state_store)
         self.permissions = Permissions(cfg["permissions"], cfg["homeserver.domain"])
-        bot = Bot(
-            intent=self.az.intent,
-            crypto=self.crypto,
-            sender=sender,
-            state_store=state_store,
-            permissions=self.permissions,
-            command_prefix=cfg["bridge.command_prefix"],
-            homeserver_address=cfg["homeserver.address"],
-            homeserver_domain=cfg["homeserver.domain"],
-        )
-        ghost_prefix = cfg["bridge.username_template"].partition("{address}")[0]
-        self.handler = MatrixHandler(bot, sender, ghost_prefix, cfg["homeserver.domain"])
-        self.az.matrix_event_handler(self.handler.dispatch)
-
-    async def _start_email(self, state_store: PgASStateStore) -> None:
-        cfg = self.config
         ghosts = Ghosts(
             intent_for=self.az.intent.user,
             store=GhostStore(self.db),
             template=cfg["bridge.username_template"],
             domain=cfg["homeserver.domain"],
         )
-        portals = PortalManager(
+        self.hub = PortalManager(
             db=self.db,
             bot=self.az.intent,
             ghosts=ghosts,
@@ -157,17 +146,60 @@ class Cloakroom:
             email_domain=cfg.email_domain,
             collapse_quotes=cfg["email.collapse_quotes"],
         )
+        self.outgoing = Outgoing(
+            bot=self.az.intent,
+            outbox=Outbox(self.db),
+            messages=self.hub.messages,
+            state=BridgeState(self.db),
+            settings=OutgoingSettings(
+                email_domain=cfg.email_domain,
+                relay_configured=bool(cfg["email.relay.host"]),
+                rate_limit=cfg["email.outbound.rate_limit"],
+                rate_window_ms=int(cfg["email.outbound.rate_window_seconds"] * 1000),
+                edits=cfg["email.outbound.edits"],
+                may_send=self.permissions.is_user,
+            ),
+            notify=self.hub.notify,
+            on_queued=lambda: self.outbound.wake() if self.outbound else None,
+        )
+
+    def _start_handlers(self, state_store: PgASStateStore) -> None:
+        cfg = self.config
+        bot = Bot(
+            intent=self.az.intent,
+            crypto=self.crypto,
+            sender=self.sender,
+            state_store=state_store,
+            permissions=self.permissions,
+            command_prefix=cfg["bridge.command_prefix"],
+            homeserver_address=cfg["homeserver.address"],
+            homeserver_domain=cfg["homeserver.domain"],
+            hub=self.hub,
+        )
+        self.handler = MatrixHandler(
+            bot, self.sender, self.hub, self.outgoing, cfg["bridge.username_template"],
+            cfg["homeserver.domain"],
+        )
+        self.az.matrix_event_handler(self.handler.dispatch)
+
+    async def _start_email(self) -> None:
+        cfg = self.config
         ghost_prefix = cfg["bridge.username_template"].partition("{address}")[0]
         self.inbound = InboundMail(
             config=cfg,
             db=self.db,
-            portals=portals,
+            portals=self.hub,
             permissions=self.permissions,
             user_exists=self._user_exists,
             is_reserved_localpart=lambda lp: lp == cfg["appservice.bot_username"]
             or lp.startswith(ghost_prefix),
         )
         await self.inbound.start()
+        self.outbound = build_outbound(cfg, Outbox(self.db), self.hub)
+        if self.outbound:
+            await self.outbound.start()
+        else:
+            self.log.warning("email.relay.host is empty: mail written in Matrix is not sent")
 
     async def _user_exists(self, user_id: str) -> bool | None:
         """Whether a local Matrix user exists, for RCPT checks; None when we cannot tell now."""
@@ -220,6 +252,8 @@ class Cloakroom:
             self._prune_task.cancel()
         if self.inbound:
             await self.inbound.stop()
+        if self.outbound:
+            await self.outbound.stop()
         if self.az:
             await self.az.stop_server()
         if self.handler:

@@ -254,7 +254,13 @@ class Config:
             raise ConfigError("email.listen.protocol", "must be smtp or lmtp")
         if bool(self["email.listen.tls_cert"]) != bool(self["email.listen.tls_key"]):
             raise ConfigError("email.listen.tls_key", "tls_cert and tls_key go together")
-        for key in ("email.listen.port", "email.auth.dns_port"):
+        if self["email.relay.security"] not in ("none", "starttls", "tls"):
+            raise ConfigError("email.relay.security", "must be none, starttls or tls")
+        if self["email.outbound.edits"] not in ("notice", "correction"):
+            raise ConfigError("email.outbound.edits", "must be notice or correction")
+        if bool(self["email.dkim.selector"]) != bool(self["email.dkim.private_key"]):
+            raise ConfigError("email.dkim.private_key", "selector and private_key go together")
+        for key in ("email.listen.port", "email.auth.dns_port", "email.relay.port"):
             if not 0 < self[key] < 65536:
                 raise ConfigError(key, f"must be a TCP/UDP port, got {self[key]}")
         for key in (
@@ -264,6 +270,10 @@ class Config:
             "email.rate_limit.per_sender_per_hour",
             "email.rate_limit.per_recipient_per_hour",
             "email.delivery.give_up_after_hours",
+            "email.relay.timeout",
+            "email.outbound.lifetime_hours",
+            "email.outbound.rate_limit",
+            "email.outbound.rate_window_seconds",
         ):
             if self[key] <= 0:
                 raise ConfigError(key, f"must be positive, got {self[key]}")

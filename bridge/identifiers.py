@@ -58,3 +58,38 @@ def parse_local_mailbox(local_part: str) -> Mailbox | None:
     if not base or not _MATRIX_LOCALPART.match(base):
         return None
     return Mailbox(base, tag)
+
+
+def decode_localpart(localpart: str) -> str | None:
+    """The inverse of encode_localpart; None when the string is not a valid encoding."""
+    out = bytearray()
+    i = 0
+    try:
+        while i < len(localpart):
+            char = localpart[i]
+            if char == "_":
+                nxt = localpart[i + 1]
+                out += b"_" if nxt == "_" else nxt.upper().encode()
+                i += 2
+            elif char == "=":
+                out.append(int(localpart[i + 1 : i + 3], 16))
+                i += 3
+            else:
+                out += char.encode()
+                i += 1
+        return out.decode("utf-8")
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def ghost_address(template: str, user_id: str, domain: str) -> str | None:
+    """The email address a ghost MXID stands for, or None if it is not one of our ghosts."""
+    prefix, _, suffix = template.partition("{address}")
+    localpart, _, server = user_id.removeprefix("@").partition(":")
+    if server != domain or not localpart.startswith(prefix) or not localpart.endswith(suffix):
+        return None
+    inner = localpart[len(prefix) : len(localpart) - len(suffix) if suffix else None]
+    address = decode_localpart(inner)
+    if not address or address.count("@") != 1:
+        return None
+    return normalize_address(address)

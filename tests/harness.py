@@ -110,6 +110,7 @@ class Env:
     smtp_port: int = 0
     max_recipients: int = 0
     dns: Any = None  # tests.dnsserver.DnsServer: the bridge's DNS
+    relay: Any = None  # tests.relay.TestRelay: where the bridge sends mail
     clients: list[AsyncClient] = field(default_factory=list)
 
     @property

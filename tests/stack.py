@@ -14,12 +14,16 @@ from bridge.quickstart.synapse import LocalSynapse, free_port
 
 from .dnsserver import DnsServer
 from .harness import BridgeProcess, Env
+from .relay import TestRelay
 
 MAX_RECIPIENTS = 5
+# Small, so the rate-limit test can watch sending stop and resume within a test.
+OUTBOUND_LIMIT = 5
+OUTBOUND_WINDOW = 20
 
 
 def write_bridge_config(
-    base: Path, hs_url: str, as_port: int, smtp_port: int, dns_port: int,
+    base: Path, hs_url: str, as_port: int, smtp_port: int, dns_port: int, relay_port: int,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     config = base / "config.yaml"
@@ -40,6 +44,11 @@ def write_bridge_config(
         "email.auth.dns_servers": ["127.0.0.1"],
         "email.auth.dns_port": dns_port,
         "email.auth.dns_timeout": 0.5,
+        "email.relay.host": "127.0.0.1",
+        "email.relay.port": relay_port,
+        "email.relay.security": "none",
+        "email.outbound.rate_limit": OUTBOUND_LIMIT,
+        "email.outbound.rate_window_seconds": OUTBOUND_WINDOW,
     }
     values.update(extra or {})
     write_values(config, values)
@@ -57,8 +66,9 @@ def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     hs_port, as_port, smtp_port = free_port(), free_port(), free_port()
     # The bridge's only DNS: a real server on loopback whose records the tests set.
     dns = DnsServer().__enter__()
+    relay = TestRelay().start()
     config_path = write_bridge_config(
-        base, f"http://127.0.0.1:{hs_port}", as_port, smtp_port, dns.port, extra
+        base, f"http://127.0.0.1:{hs_port}", as_port, smtp_port, dns.port, relay.port, extra
     )
     synapse = LocalSynapse(
         base_dir=base / "synapse",
@@ -71,10 +81,11 @@ def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     bridge = BridgeProcess(config_path, as_port, base / "bridge.log")
     config = YAML(typ="safe").load(config_path.read_text())
     return Env(synapse, bridge, config, base, bot_mxid="@cloakroom:localhost",
-               smtp_port=smtp_port, max_recipients=MAX_RECIPIENTS, dns=dns)
+               smtp_port=smtp_port, max_recipients=MAX_RECIPIENTS, dns=dns, relay=relay)
 
 
 def stop_stack(env: Env) -> None:
     env.bridge.stop()
     env.synapse.stop()
     env.dns.__exit__(None, None, None)
+    env.relay.stop()

@@ -63,3 +63,26 @@ def test_parse_local_mailbox(local: str, mailbox: Mailbox | None) -> None:
 )
 def test_ghost_displayname(name: str, address: str, shown: str) -> None:
     assert ghost_displayname(name, address) == shown
+
+
+@pytest.mark.parametrize("address", ["bob@example.org", "first_last@x.y", "jos\u00e9@x", "a+b@c"])
+def test_ghost_address_inverts_ghost_mxid(address: str) -> None:
+    from bridge.identifiers import ghost_address
+
+    mxid = ghost_mxid("_email_{address}", address, "localhost")
+    assert ghost_address("_email_{address}", mxid, "localhost") == address
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    [
+        "@alice:localhost",
+        "@_email_bob=40x.org:other",
+        "@_email_nobody:localhost",
+        "@_email_=zz:localhost",
+    ],
+)
+def test_ghost_address_rejects_non_ghosts(user_id: str) -> None:
+    from bridge.identifiers import ghost_address
+
+    assert ghost_address("_email_{address}", user_id, "localhost") is None

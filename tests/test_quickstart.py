@@ -26,11 +26,12 @@ from .harness import (
 from .mail import make_mail, send, unique
 
 
-def _start(state: Path, ports: tuple[int, int, int]) -> tuple[subprocess.Popen[str], str]:
-    hs_port, as_port, smtp_port = ports
+def _start(state: Path, ports: tuple[int, ...]) -> tuple[subprocess.Popen[str], str]:
+    hs_port, as_port, smtp_port, sink_port = ports
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge.quickstart", "--dir", str(state),
-         "--hs-port", str(hs_port), "--as-port", str(as_port), "--smtp-port", str(smtp_port)],
+         "--hs-port", str(hs_port), "--as-port", str(as_port), "--smtp-port", str(smtp_port),
+         "--sink-port", str(sink_port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,  # no prompt may need an answer
@@ -68,7 +69,7 @@ async def _login(facts: dict[str, Any], store: Path) -> AsyncClient:
 
 async def test_quickstart_brings_up_a_bot_a_client_can_talk_to(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    ports = hs_port, _, smtp_port = free_port(), free_port(), free_port()
+    ports = hs_port, _, smtp_port, _ = free_port(), free_port(), free_port(), free_port()
     proc, output = await asyncio.to_thread(_start, state, ports)
     try:
         facts = json.loads((state / "quickstart.json").read_text())
@@ -93,6 +94,17 @@ async def test_quickstart_brings_up_a_bot_a_client_can_talk_to(tmp_path: Path) -
             portal = await accept_invite(client)
             mail = await wait_for_event(client, portal, lambda e: token in getattr(e, "body", ""))
             assert mail.decrypted
+            # An answer written in the room leaves as mail: here, into the sent folder.
+            answer = unique("answer")
+            await send_text(client, portal, answer)
+            sent = Path(facts["sent"])
+            for _ in range(60):
+                files = [p for p in sent.glob("*.eml") if answer.encode() in p.read_bytes()]
+                if files:
+                    break
+                await asyncio.sleep(0.5)
+            assert files, "the answer did not leave as mail"
+            assert b"X-Envelope-To: bob@example.org" in files[0].read_bytes()
         finally:
             await client.close()
     finally:

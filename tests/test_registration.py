@@ -215,3 +215,16 @@ def test_committed_example_registration_matches_the_generator() -> None:
     expected = registration.build(config, example["as_token"], example["hs_token"])
     assert example == expected
     assert "generated" in example["as_token"], "real tokens must never be committed"
+
+
+def test_dkim_keygen_writes_a_key_sets_the_config_and_prints_the_record(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["-c", "config.yaml", "dkim-keygen", "--selector", "s1", "--key", "k.pem"]) == 0
+    out = capsys.readouterr().out
+    assert "s1._domainkey.localhost. IN TXT" in out and "p=" in out
+    assert mode(workdir / "k.pem") == 0o600
+    dkim = read(workdir / "config.yaml")["email"]["dkim"]
+    assert dkim == {"selector": "s1", "private_key": str(workdir / "k.pem")}
+    # A second run must not replace the key that the published record belongs to.
+    assert main(["-c", "config.yaml", "dkim-keygen", "--key", "k.pem"]) != 0

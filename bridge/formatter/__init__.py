@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .dsn import Dsn, DsnRecipient, describe, parse_dsn
 from .from_email import (
     Address,
     Attachment,
@@ -9,6 +10,15 @@ from .from_email import (
     ParsedMail,
     parse_mail,
     render_message,
+)
+from .to_email import (
+    OutgoingAttachment,
+    OutgoingMail,
+    compose,
+    matrix_body_to_text,
+    matrix_html_to_email_html,
+    new_message_id,
+    reply_subject,
 )
 
 __all__ = [
@@ -18,4 +28,15 @@ __all__ = [
     "ParsedMail",
     "parse_mail",
     "render_message",
+    "Dsn",
+    "DsnRecipient",
+    "describe",
+    "parse_dsn",
+    "OutgoingAttachment",
+    "OutgoingMail",
+    "compose",
+    "matrix_body_to_text",
+    "matrix_html_to_email_html",
+    "new_message_id",
+    "reply_subject",
 ]

@@ -24,6 +24,7 @@ from mautrix.types import (
 
 from ..crypto import CryptoAccount, EncryptedSender
 from ..permissions import Level, Permissions
+from ..portal import PortalManager
 from .commands import CommandEvent, registry
 
 REFUSAL = (
@@ -44,7 +45,9 @@ class Bot:
         command_prefix: str,
         homeserver_address: str,
         homeserver_domain: str,
+        hub: PortalManager | None = None,
     ) -> None:
+        self.hub = hub
         self.intent = intent
         self.crypto = crypto
         self.sender = sender

@@ -7,10 +7,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from email_validator import EmailNotValidError, validate_email
 from mautrix.types import RoomID, UserID
 
 from .. import __version__
 from ..permissions import Level
+from ..portal.start import start_conversation
 
 if TYPE_CHECKING:
     from .bot import Bot
@@ -103,4 +105,48 @@ async def status_command(evt: CommandEvent) -> None:
         "<ul>"
         + "".join(f"<li>{html.escape(k)}: <b>{html.escape(str(v))}</b></li>" for k, v in rows)
         + "</ul>",
+    )
+
+
+def parse_new(args: list[str]) -> tuple[list[str], str]:
+    """``a@x, b@y Subject words`` → (["a@x", "b@y"], "Subject words")."""
+    addresses: list[str] = []
+    rest = list(args)
+    while rest:
+        token = rest.pop(0)
+        parts = [p for p in token.split(",") if p]
+        addresses.extend(parts)
+        # The list goes on while a token ends with a comma or the next one starts with one.
+        if not token.endswith(",") and not (rest and rest[0].startswith(",")):
+            break
+    return addresses, " ".join(rest).strip()
+
+
+@command(
+    "new",
+    "Start an email conversation: creates an encrypted room where what you write is mailed.",
+    usage="<address>[, <address>…] <subject>",
+)
+async def new_command(evt: CommandEvent) -> None:
+    addresses, subject = parse_new(evt.args)
+    if not addresses:
+        await evt.reply("Usage: new <address>[, <address>…] <subject>")
+        return
+    valid = []
+    for address in addresses:
+        try:
+            valid.append(validate_email(address, check_deliverability=False).normalized)
+        except EmailNotValidError as e:
+            await evt.reply(f"{address!r} is not a valid email address: {e}")
+            return
+    if evt.bot.hub is None:
+        await evt.reply("Email is not available on this bridge.")
+        return
+    room_id = await start_conversation(evt.bot.hub, evt.sender, valid, subject)
+    link = f"https://matrix.to/#/{room_id}"
+    await evt.reply(
+        f"Created the conversation with {', '.join(valid)}: {link} — accept the invite and "
+        "write there.",
+        f"Created the conversation with {html.escape(', '.join(valid))}: "
+        f'<a href="{html.escape(link)}">open it</a> — accept the invite and write there.',
     )

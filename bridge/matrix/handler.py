@@ -14,12 +14,17 @@ from mautrix.types import (
     EventType,
     Membership,
     MessageEvent,
+    RedactionEvent,
     RoomID,
     StateEvent,
     UserID,
 )
 
 from ..crypto import EncryptedSender
+from ..identifiers import ghost_address
+from ..portal import PortalManager
+from ..portal.outgoing import Outgoing
+from ..portal.start import adopt_dm
 from .bot import Bot
 
 
@@ -61,11 +66,23 @@ class RoomQueues:
 
 
 class MatrixHandler:
-    def __init__(self, bot: Bot, sender: EncryptedSender, ghost_prefix: str, domain: str) -> None:
+    def __init__(
+        self,
+        bot: Bot,
+        sender: EncryptedSender,
+        hub: PortalManager,
+        outgoing: Outgoing,
+        username_template: str,
+        domain: str,
+    ) -> None:
         self.bot = bot
         self.sender = sender
+        self.hub = hub
+        self.outgoing = outgoing
         self.queues = RoomQueues()
-        self._ghost_prefix = f"@{ghost_prefix}"
+        self._template = username_template
+        self._domain = domain
+        self._ghost_prefix = f"@{username_template.partition('{address}')[0]}"
         self._domain_suffix = f":{domain}"
         self.log = logging.getLogger("bridge.mx")
 
@@ -82,6 +99,8 @@ class MatrixHandler:
         elif evt.type in (EventType.ROOM_MESSAGE, EventType.ROOM_ENCRYPTED):
             if not self.is_ours(evt.sender):
                 self.queues.submit(evt.room_id, self._handle_message(evt))
+        elif evt.type == EventType.ROOM_REDACTION and not self.is_ours(evt.sender):
+            self.queues.submit(evt.room_id, self._handle_redaction(evt))
 
     async def _route_member(self, evt: StateEvent) -> None:
         # Synchronous: the next message in this transaction must be encrypted for the new
@@ -92,6 +111,10 @@ class MatrixHandler:
             if self.is_ours(evt.sender):
                 return  # a portal being set up by one of our ghosts; the portal joins the bot
             self.queues.submit(evt.room_id, self.bot.handle_invite(evt))
+        elif membership == Membership.INVITE and not self.is_ours(evt.sender):
+            address = ghost_address(self._template, evt.state_key, self._domain)
+            if address:
+                self.queues.submit(evt.room_id, self._handle_ghost_invite(evt, address))
         elif evt.state_key != self.bot.mxid and membership in (Membership.LEAVE, Membership.BAN):
             self.queues.submit(evt.room_id, self.bot.handle_member_left(evt))
 
@@ -105,5 +128,25 @@ class MatrixHandler:
                 )
                 await self.bot.tell_undecryptable(evt.room_id)
                 return
-        if evt.type == EventType.ROOM_MESSAGE:
+        if evt.type != EventType.ROOM_MESSAGE:
+            return
+        portal = await self.hub.portal_for_room(evt.room_id)
+        if portal:
+            await self.outgoing.handle_message(portal, evt)
+        else:
             await self.bot.handle_message(evt)
+
+    async def _handle_redaction(self, evt: RedactionEvent) -> None:
+        portal = await self.hub.portal_for_room(evt.room_id)
+        if portal:
+            await self.outgoing.handle_redaction(portal, evt)
+
+    async def _handle_ghost_invite(self, evt: StateEvent, address: str) -> None:
+        """A user invited one of our ghosts: that room becomes their DM portal with it."""
+        if not self.bot.permissions.is_user(evt.sender):
+            await self.hub.ghosts.reject_invite(address, evt.room_id)
+            return
+        try:
+            await adopt_dm(self.hub, evt.sender, evt.room_id, address)
+        except Exception:
+            self.log.getChild(evt.room_id).exception("Failed to set up a DM with %s", address)

@@ -36,6 +36,10 @@ class Ghosts:
     def mxid(self, address: str) -> str:
         return ghost_mxid(self.template, address, self.domain)
 
+    async def reject_invite(self, address: str, room_id: str) -> None:
+        intent = self._intent_for(self.mxid(normalize_address(address)))
+        await intent.leave_room(room_id, reason="Only users of this bridge can start conversations")
+
     async def intent(self, address: str, name: str = "") -> IntentAPI:
         """The ghost's intent, registered and with an up-to-date display name."""
         address = normalize_address(address)

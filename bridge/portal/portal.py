@@ -21,7 +21,7 @@ from mautrix.types import RoomID
 from mautrix.util.async_db import Database
 
 from ..crypto import EncryptedSender
-from ..formatter import Address, ParsedMail, parse_mail, render_message
+from ..formatter import Address, ParsedMail, describe, parse_dsn, parse_mail, render_message
 from ..identifiers import normalize_address
 from .ghosts import Ghosts
 from .media import upload_encrypted
@@ -80,12 +80,33 @@ class PortalManager:
     def is_ours(self, address: str) -> bool:
         return normalize_address(address).rpartition("@")[2] == self.email_domain
 
+    async def portal_for_room(self, room_id: RoomID) -> PortalRow | None:
+        return await self.portals.by_room(room_id)
+
+    async def notify(
+        self, room_id: RoomID, text: str, reply_to: str | None, thread_root: str | None = None
+    ) -> None:
+        """A notice from the bot, in the thread of (and replying to) the event it is about."""
+        content: dict[str, Any] = {"msgtype": "m.notice", "body": text}
+        if reply_to:
+            if thread_root is None:
+                known = await self.messages.by_event(room_id, reply_to)
+                thread_root = known.thread_root if known else None
+            if thread_root:
+                content["m.relates_to"] = _thread_relation(thread_root, reply_to)
+                content["m.relates_to"]["is_falling_back"] = False
+            else:
+                content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+        await self.sender.send(self.bot, room_id, content)
+
     async def deliver(self, job: MailJob) -> None:
         """Post a mail into its portal. Raises on failure; the caller retries (idempotently)."""
+        if await self._deliver_report(job):
+            return
         mail = parse_mail(job.raw, collapse_quotes=self.collapse_quotes)
         conv = self._conversation(mail, job)
         portal = await self._portal_for(job, mail, conv)
-        room_id = await self._ensure_room(portal)
+        room_id = await self.ensure_room(portal)
         author = self._author(mail, job)
         if portal.kind == "group":
             # Everyone on the mail is in the conversation, so everyone is in the room.
@@ -96,6 +117,23 @@ class PortalManager:
         intent = await self.ghosts.intent(author.address, author.name)
         await ensure_member(intent, self.bot, room_id)
         await self._post(job, mail, room_id, intent)
+
+    async def _deliver_report(self, job: MailJob) -> bool:
+        """A bounce about mail we sent becomes a notice in its thread, not a mail in the room."""
+        report = parse_dsn(job.raw)
+        if report is None or not report.original_message_id:
+            return False
+        room_id = await self.messages.rooms_knowing(job.owner, [report.original_message_id])
+        if room_id is None:
+            return False
+        original = await self.messages.find(room_id, [report.original_message_id])
+        assert original is not None
+        lines = [describe(r) for r in report.recipients if r.action in ("failed", "delayed")]
+        if not lines:
+            return True  # a success or relay report: nothing the user needs to see
+        await self.notify(RoomID(room_id), "\n".join(lines), original.event_id,
+                          original.thread_root)
+        return True
 
     # Choosing the conversation ---------------------------------------------------------------
 
@@ -135,7 +173,7 @@ class PortalManager:
             job.owner, conv.key, conv.kind, conv.name, [a.address for a in conv.participants]
         )
 
-    async def _ensure_room(self, portal: PortalRow) -> RoomID:
+    async def ensure_room(self, portal: PortalRow) -> RoomID:
         if portal.room_id:
             return RoomID(portal.room_id)
         async with self._room_locks.setdefault(portal.id, asyncio.Lock()):
@@ -173,8 +211,12 @@ class PortalManager:
         first = await self._send_part(job, 0, intent, room_id, content)
         root = thread_root or first
         if mail.message_id:
+            reply_to, cc = self._reply_targets(mail, job)
             await self.messages.put(
-                MailMessageRow(room_id, mail.message_id, first, root, mail.subject)
+                MailMessageRow(
+                    room_id, mail.message_id, first, root, mail.subject,
+                    reply_to=reply_to, cc=cc, refs=mail.references,
+                )
             )
         part = 1
         for attachment in mail.attachments:
@@ -196,6 +238,20 @@ class PortalManager:
             notice["m.relates_to"] = _thread_relation(root, first)
             await self._send_part(job, part, intent, room_id, notice)
             part += 1
+
+    def _reply_targets(self, mail: ParsedMail, job: MailJob) -> tuple[list[str], list[str]]:
+        """Where an answer to this mail goes: Reply-To (else the author), Cc the others."""
+        reply_to = [a.address for a in mail.reply_to if a.address and not self.is_ours(a.address)]
+        if not reply_to:
+            reply_to = [self._author(mail, job).address]
+        others = [
+            a.address
+            for a in mail.participants()
+            if a.address and not self.is_ours(a.address) and a.address not in reply_to
+        ]
+        if mail.list_id:
+            others = []  # answering a list goes to the list (its Reply-To or author), not to all
+        return reply_to, list(dict.fromkeys(others))
 
     def _text_content(self, job: MailJob, mail: ParsedMail, root: bool) -> dict[str, Any]:
         rendered = render_message(mail, root=root)

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..__main__ import main as bridge_main
 from ..config import sample_text, write_values
+from .sink import MailSink
 from .synapse import LocalSynapse, SynapseError
 
 DEMO_USER = "demo"
@@ -34,6 +35,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hs-port", type=int, default=8008, help="Synapse port on 127.0.0.1")
     parser.add_argument("--as-port", type=int, default=29400, help="bridge port on 127.0.0.1")
     parser.add_argument("--smtp-port", type=int, default=2525, help="SMTP port on 127.0.0.1")
+    parser.add_argument(
+        "--sink-port", type=int, default=2526, help="port of the local sink outgoing mail goes to"
+    )
     return parser.parse_args(argv)
 
 
@@ -48,22 +52,32 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _bridge_config(state: Path, hs_port: int, as_port: int, smtp_port: int) -> Path:
+def _bridge_config(
+    state: Path, hs_port: int, as_port: int, smtp_port: int, sink_port: int
+) -> Path:
+    """The bridge config: made (with -g) on the first run; the quickstart's own keys are set
+    on every run, so a state directory from an older version picks up new ones."""
     config = state / "config.yaml"
-    if not config.exists():
+    fresh = not config.exists()
+    if fresh:
         config.write_text(sample_text())
-        write_values(
-            config,
-            {
-                "homeserver.address": f"http://127.0.0.1:{hs_port}",
-                "homeserver.domain": "localhost",
-                "appservice.address": f"http://127.0.0.1:{as_port}",
-                "appservice.port": as_port,
-                "database": f"sqlite:{state / 'cloakroom.db'}",
-                "email.listen.host": "127.0.0.1",
-                "email.listen.port": smtp_port,
-            },
-        )
+    write_values(
+        config,
+        {
+            "homeserver.address": f"http://127.0.0.1:{hs_port}",
+            "homeserver.domain": "localhost",
+            "appservice.address": f"http://127.0.0.1:{as_port}",
+            "appservice.port": as_port,
+            "database": f"sqlite:{state / 'cloakroom.db'}",
+            "email.listen.host": "127.0.0.1",
+            "email.listen.port": smtp_port,
+            # No real relay here: outgoing mail lands in .cloakroom/sent/ instead.
+            "email.relay.host": "127.0.0.1",
+            "email.relay.port": sink_port,
+            "email.relay.security": "none",
+        },
+    )
+    if fresh:
         code = bridge_main(["-c", str(config), "-g", "-r", str(state / "registration.yaml")])
         if code:
             raise SystemExit(code)
@@ -71,6 +85,7 @@ def _bridge_config(state: Path, hs_port: int, as_port: int, smtp_port: int) -> P
 
 
 def _demo_account(state: Path, synapse: LocalSynapse, smtp_port: int) -> dict[str, Any]:
+    """The demo user (created once) and the facts `make run` prints."""
     facts_path = state / "quickstart.json"
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
     if "password" not in facts:
@@ -83,6 +98,7 @@ def _demo_account(state: Path, synapse: LocalSynapse, smtp_port: int) -> dict[st
         bot=f"@cloakroom:{synapse.server_name}",
         smtp={"host": "127.0.0.1", "port": smtp_port},
         mailbox=f"{DEMO_USER}@{synapse.server_name}",
+        sent=str(state / "sent"),
     )
     fd = os.open(facts_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -123,6 +139,7 @@ Cloakroom is running.
   Password:    {facts['password']}
   Bridge bot:  {facts['bot']}
   Mailbox:     {facts['mailbox']} (SMTP on {facts['smtp']['host']}:{facts['smtp']['port']})
+  Sent mail:   {facts['sent']} (what you write in a conversation room, as .eml files)
 
 Log in with Element (Desktop, or Element Web in a browser on this machine): choose
 "Sign in", edit the homeserver to {facts['homeserver']}, and use the user and password above.
@@ -143,12 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     state = Path(args.dir).resolve()
     state.mkdir(mode=0o700, exist_ok=True)
-    for port in (args.hs_port, args.as_port, args.smtp_port):
+    for port in (args.hs_port, args.as_port, args.smtp_port, args.sink_port):
         if not _port_free(port):
             print(f"Port {port} on 127.0.0.1 is in use; stop what uses it or pick another "
-                  "with --hs-port/--as-port/--smtp-port.", file=sys.stderr)
+                  "with --hs-port/--as-port/--smtp-port/--sink-port.", file=sys.stderr)
             return 1
-    config = _bridge_config(state, args.hs_port, args.as_port, args.smtp_port)
+    config = _bridge_config(state, args.hs_port, args.as_port, args.smtp_port, args.sink_port)
+    sink = MailSink(state / "sent", args.sink_port)
     synapse = LocalSynapse(
         base_dir=state / "synapse",
         port=args.hs_port,
@@ -164,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     bridge: subprocess.Popen[bytes] | None = None
     try:
+        sink.start()
         synapse.prepare()
         synapse.start()
         bridge = _start_bridge(config, args.as_port, state / "bridge.log")
@@ -190,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 bridge.kill()
         synapse.stop()
+        sink.stop()
 
 
 if __name__ == "__main__":
