@@ -246,6 +246,10 @@ class Config:
                     f"unknown level {level!r}; use one of {', '.join(PERMISSION_LEVELS)}",
                 )
         self._validate_email()
+        if self["onboarding.guard"] not in ("private", "dm", "off"):
+            raise ConfigError("onboarding.guard", "must be private, dm or off")
+        if self["onboarding.nudge_interval_days"] <= 0:
+            raise ConfigError("onboarding.nudge_interval_days", "must be positive")
         if self["logging"].get("version") != 1:
             raise ConfigError("logging.version", "must be 1 (logging.config.dictConfig schema)")
 

@@ -22,7 +22,7 @@ def user_regex(template: str, domain: str) -> str:
 def build(config: Config, as_token: str, hs_token: str) -> dict[str, Any]:
     domain = config["homeserver.domain"]
     bot = config["appservice.bot_username"]
-    return {
+    registration: dict[str, Any] = {
         "id": config["appservice.id"],
         "url": config["appservice.address"],
         "as_token": as_token,
@@ -41,6 +41,8 @@ def build(config: Config, as_token: str, hs_token: str) -> dict[str, Any]:
             "aliases": [],
             "rooms": [],
         },
+        # The encryption guard (onboarding.guard) acts for local users: a non-exclusive
+        # namespace lets the homeserver tell us about their rooms and lets us act as them.
         # Typing, receipts and (MSC2409) to-device events are pushed in transactions, so the
         # bridge decrypts without a /sync loop.
         "receive_ephemeral": True,
@@ -50,6 +52,11 @@ def build(config: Config, as_token: str, hs_token: str) -> dict[str, Any]:
         # MSC4190: the appservice creates its devices itself, without /login.
         "io.element.msc4190": True,
     }
+    if config["onboarding.guard"] != "off":
+        registration["namespaces"]["users"].append(
+            {"regex": f"@.*:{re.escape(domain)}$", "exclusive": False}
+        )
+    return registration
 
 
 class RegistrationExists(Exception):

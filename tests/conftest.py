@@ -37,6 +37,16 @@ def env(synapse_env: Env) -> Iterator[Env]:
 
 
 @pytest.fixture
+async def onboarding(running: Env) -> AsyncIterator[Env]:
+    """The main stack plus the onboarding bridge (guard: private, welcome on), which acts only
+    for the users in tests.stack.ONBOARDING_USERS."""
+    if running.onboarding.process is None or running.onboarding.process.poll() is not None:
+        running.onboarding.process = None
+        running.onboarding.start()
+    yield running
+
+
+@pytest.fixture
 async def running(env: Env) -> AsyncIterator[Env]:
     """Per test: make sure the bridge runs, and close the test's nio clients afterwards."""
     if env.bridge.process is None or env.bridge.process.poll() is not None:

@@ -111,6 +111,7 @@ class Env:
     max_recipients: int = 0
     dns: Any = None  # tests.dnsserver.DnsServer: the bridge's DNS
     relay: Any = None  # tests.relay.TestRelay: where the bridge sends mail
+    onboarding: Any = None  # BridgeProcess: a second bridge with the guard and welcome on
     clients: list[AsyncClient] = field(default_factory=list)
 
     @property

@@ -22,18 +22,23 @@ OUTBOUND_LIMIT = 5
 OUTBOUND_WINDOW = 20
 
 
+# The onboarding bridge (guard on, welcome on) acts only for these users, so it never touches the
+# rooms of the other tests. Each name can be registered once per session.
+ONBOARDING_USERS = [f"onb{i}" for i in range(1, 21)]
+
+
 def write_bridge_config(
     base: Path, hs_url: str, as_port: int, smtp_port: int, dns_port: int, relay_port: int,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, name: str = "config",
 ) -> Path:
-    config = base / "config.yaml"
+    config = base / f"{name}.yaml"
     config.write_text((Path(__file__).parent.parent / "config.sample.yaml").read_text())
     values: dict[str, Any] = {
         "homeserver.address": hs_url,
         "homeserver.domain": "localhost",
         "appservice.address": f"http://127.0.0.1:{as_port}",
         "appservice.port": as_port,
-        "database": f"sqlite:{base / 'bridge.db'}",
+        "database": f"sqlite:{base / (name.replace('config', 'bridge') + '.db')}",
         "permissions": {
             "localhost": "user",
             "@outsider:localhost": "none",
@@ -49,16 +54,32 @@ def write_bridge_config(
         "email.relay.security": "none",
         "email.outbound.rate_limit": OUTBOUND_LIMIT,
         "email.outbound.rate_window_seconds": OUTBOUND_WINDOW,
+        # Welcome DMs would be invites every test's user receives; the onboarding bridge has them.
+        "onboarding.welcome": False,
     }
     values.update(extra or {})
     write_values(config, values)
     # The registration comes from the bridge's own CLI, exactly as an admin would make it.
+    registration = base / f"{name.replace('config', 'reg')}.yaml"
     subprocess.run(
-        [sys.executable, "-m", "bridge", "-c", str(config), "-g", "-r", str(base / "reg.yaml")],
+        [sys.executable, "-m", "bridge", "-c", str(config), "-g", "-r", str(registration)],
         check=True,
         cwd=base,
     )
     return config
+
+
+def onboarding_extra() -> dict[str, Any]:
+    return {
+        "appservice.id": "cloakroom-onboarding",
+        "appservice.bot_username": "onboarding",
+        "bridge.username_template": "_email2_{address}",
+        "permissions": {"localhost": "none", **{f"@{u}:localhost": "user"
+                                               for u in ONBOARDING_USERS}},
+        "onboarding.guard": "private",
+        "onboarding.welcome": True,
+        "onboarding.nudge_interval_days": 7,
+    }
 
 
 def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
@@ -67,25 +88,35 @@ def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     # The bridge's only DNS: a real server on loopback whose records the tests set.
     dns = DnsServer().__enter__()
     relay = TestRelay().start()
+    hs_url = f"http://127.0.0.1:{hs_port}"
     config_path = write_bridge_config(
-        base, f"http://127.0.0.1:{hs_port}", as_port, smtp_port, dns.port, relay.port, extra
+        base, hs_url, as_port, smtp_port, dns.port, relay.port, extra
+    )
+    onb_port = free_port()
+    onb_config = write_bridge_config(
+        base, hs_url, onb_port, free_port(), dns.port, relay.port,
+        {**onboarding_extra(), **(extra or {})}, name="config-onboarding",
     )
     synapse = LocalSynapse(
         base_dir=base / "synapse",
         port=hs_port,
-        registration_files=[base / "reg.yaml"],
+        registration_files=[base / "reg.yaml", base / "reg-onboarding.yaml"],
         relaxed_rate_limits=True,
     )
     synapse.prepare()
     synapse.start()
     bridge = BridgeProcess(config_path, as_port, base / "bridge.log")
     config = YAML(typ="safe").load(config_path.read_text())
-    return Env(synapse, bridge, config, base, bot_mxid="@cloakroom:localhost",
-               smtp_port=smtp_port, max_recipients=MAX_RECIPIENTS, dns=dns, relay=relay)
+    env = Env(synapse, bridge, config, base, bot_mxid="@cloakroom:localhost",
+              smtp_port=smtp_port, max_recipients=MAX_RECIPIENTS, dns=dns, relay=relay)
+    # Started by the tests that need it (tests/conftest.py: `onboarding`).
+    env.onboarding = BridgeProcess(onb_config, onb_port, base / "bridge-onboarding.log")
+    return env
 
 
 def stop_stack(env: Env) -> None:
     env.bridge.stop()
+    env.onboarding.stop()
     env.synapse.stop()
     env.dns.__exit__(None, None, None)
     env.relay.stop()

@@ -142,7 +142,14 @@ def test_refuses_to_overwrite_without_force(
         ({"domain: localhost": "domain: example.com"}, "homeserver.domain"),
         ({"database: sqlite:cloakroom.db": "database: mysql://u@h/db"}, "database"),
         ({"    port: 29400\n": "    port: abc\n"}, "appservice.port"),
-        ({"encryption:\n": "encryption: 5\n", "\n    pickle_key:": "\n    # k:"}, "encryption"),
+        (
+            {
+                "encryption:\n": "encryption: 5\n",
+                "\n    pickle_key:": "\n    # k:",
+                "\n    require:": "\n    # r:",
+            },
+            "encryption",
+        ),
     ],
 )
 def test_generate_with_bad_config_exits_10(

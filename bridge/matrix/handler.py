@@ -97,10 +97,15 @@ class MatrixHandler:
         if evt.type == EventType.ROOM_MEMBER:
             await self._route_member(evt)
         elif evt.type in (EventType.ROOM_MESSAGE, EventType.ROOM_ENCRYPTED):
-            if not self.is_ours(evt.sender):
+            # With the guard's namespace the homeserver sends us every local user's rooms;
+            # only those the bot is in are ours to read.
+            if not self.is_ours(evt.sender) and await self._bot_is_in(evt.room_id):
                 self.queues.submit(evt.room_id, self._handle_message(evt))
         elif evt.type == EventType.ROOM_REDACTION and not self.is_ours(evt.sender):
             self.queues.submit(evt.room_id, self._handle_redaction(evt))
+
+    async def _bot_is_in(self, room_id: RoomID) -> bool:
+        return await self.bot.state_store.is_joined(room_id, self.bot.mxid)
 
     async def _route_member(self, evt: StateEvent) -> None:
         # Synchronous: the next message in this transaction must be encrypted for the new
