@@ -19,11 +19,12 @@ from mautrix.util.async_db import Database
 
 from . import __version__
 from .config import Config
-from .crypto import CryptoAccount, EncryptedSender
+from .crypto import CryptoAccount, EncryptedSender, Identities
 from .db import BridgeState, TxnLog, open_database
 from .email.inbound import InboundMail
 from .email.outbound import OutboundWorker, build_outbound
 from .exitcodes import EXIT_DATABASE
+from .identifiers import ghost_address
 from .matrix.appservice import BridgeAppService
 from .matrix.bot import Bot
 from .matrix.handler import MatrixHandler
@@ -123,13 +124,31 @@ class Cloakroom:
             device_name="Cloakroom bridge bot",
         )
         await self.crypto.start()
-        self.az.otk_handler = self.crypto.handle_otk_counts
-        self.az.device_list_handler = self.crypto.machine.handle_as_device_lists
-        self.az.to_device_handler = self.crypto.machine.handle_as_to_device_event
+        template, domain = cfg["bridge.username_template"], cfg["homeserver.domain"]
+        self.is_ghost = lambda user_id: ghost_address(template, user_id, domain) is not None
+        self.identities = Identities(
+            bot=self.crypto,
+            is_ghost=self.is_ghost,
+            homeserver=cfg["homeserver.address"],
+            as_token=cfg["appservice.as_token"],
+            pickle_key=cfg["encryption.pickle_key"],
+            db=self.db,
+            state_store=state_store,
+            client_session=self.az.http_session,
+        )
+        # Transactions carry crypto traffic for the bot and every ghost: route it by user.
+        self.az.otk_handler = self.identities.handle_otk_counts
+        self.az.device_list_handler = self.identities.handle_device_lists
+        self.az.to_device_handler = self.identities.handle_to_device
 
     def _start_hub(self, state_store: PgASStateStore) -> None:
         cfg = self.config
-        self.sender = EncryptedSender(self.crypto, state_store)
+        self.sender = EncryptedSender(
+            self.identities,
+            state_store,
+            require_encryption=cfg["encryption.require"],
+            is_ours=lambda user_id: user_id == self.az.bot_mxid or self.is_ghost(user_id),
+        )
         self.permissions = Permissions(cfg["permissions"], cfg["homeserver.domain"])
         ghosts = Ghosts(
             intent_for=self.az.intent.user,
@@ -263,6 +282,8 @@ class Cloakroom:
                 self.log.warning("Gave up waiting for room work after %d s", DRAIN_SECONDS)
         if self.az:
             await self.az.stop()
+        if getattr(self, "identities", None):
+            await self.identities.close()
         if self.crypto:
             await self.crypto.close()
         if self.db:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .account import CryptoAccount, CryptoSetupError
-from .sender import EncryptedSender
+from .identities import Identities
+from .sender import EncryptedSender, PlaintextRefused
 
-__all__ = ["CryptoAccount", "CryptoSetupError", "EncryptedSender"]
+__all__ = ["CryptoAccount", "CryptoSetupError", "EncryptedSender", "Identities", "PlaintextRefused"]

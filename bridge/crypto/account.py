@@ -11,6 +11,7 @@ import secrets
 import string
 
 import olm
+from aiohttp import ClientSession
 from mautrix.client import Client
 from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.crypto import OlmMachine, PgCryptoStore
@@ -21,7 +22,6 @@ from mautrix.types import (
     DeviceID,
     DeviceOTKCount,
     KeyID,
-    TrustState,
     UserID,
 )
 from mautrix.util.async_db import Database
@@ -52,6 +52,7 @@ class CryptoAccount:
         db: Database,
         state_store: PgStateStore,
         device_name: str,
+        client_session: ClientSession | None = None,
     ) -> None:
         self.user_id = user_id
         self.device_name = device_name
@@ -59,7 +60,14 @@ class CryptoAccount:
         self.state = BridgeState(db)
         # The client authenticates with the as_token and masquerades as the user (and, once the
         # device exists, as the device: MSC4190/MSC3202 identity assertion).
-        self.client = Client(base_url=homeserver, mxid=user_id, token=as_token, log=self.log)
+        self._owns_session = client_session is None
+        self.client = Client(
+            base_url=homeserver,
+            mxid=user_id,
+            token=as_token,
+            log=self.log,
+            client_session=client_session,
+        )
         self._pickle_key = pickle_key
         self.store = PgCryptoStore(user_id, pickle_key, db)
         self.machine = OlmMachine(self.client, self.store, state_store, log=self.log)
@@ -114,8 +122,10 @@ class CryptoAccount:
             )
 
     async def _ensure_cross_signed(self) -> None:
-        trust = await self.machine.resolve_trust(self.machine.own_identity)
-        if trust >= TrustState.CROSS_SIGNED_UNTRUSTED:
+        # Ask the server, as a client would: the local trust cache only knows our signatures
+        # if something happened to fetch our own keys, and a miss here would replace the
+        # identity everyone has verified.
+        if await self.is_cross_signed_on_server():
             return
         # Publishes master, self-signing and user-signing keys (stored in SSSS under the
         # recovery key) and signs our device, so clients show it as verified by its owner.
@@ -159,4 +169,10 @@ class CryptoAccount:
             await self.machine.handle_otk_count(count)
 
     async def close(self) -> None:
-        await self.client.api.session.close()
+        if self._owns_session:
+            await self.client.api.session.close()
+
+    @classmethod
+    async def exists(cls, state: BridgeState, user_id: str) -> bool:
+        """Whether this user has an identity in the database (without loading it)."""
+        return bool(await state.get(f"crypto:{user_id}:device_id"))

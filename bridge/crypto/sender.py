@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from mautrix.appservice import IntentAPI
@@ -24,7 +25,7 @@ from mautrix.types import (
     StateEvent,
 )
 
-from .account import CryptoAccount
+from .identities import Identities
 
 # How long to wait for a Megolm session that the sender's to-device message has not delivered
 # yet; in appservice mode it arrives in a later transaction, usually within a second.
@@ -32,12 +33,22 @@ SESSION_WAIT_SECONDS = 10
 
 
 class EncryptedSender:
-    def __init__(self, account: CryptoAccount, state_store: PgStateStore) -> None:
-        self.account = account
-        self.machine = account.machine
+    def __init__(
+        self,
+        identities: Identities,
+        state_store: PgStateStore,
+        *,
+        require_encryption: bool = True,
+        is_ours: Callable[[str], bool] = lambda _user: False,
+    ) -> None:
+        self.identities = identities
+        self.account = identities.bot
+        self.machine = identities.bot.machine  # decrypts: the bot is in every room we read
         self.state_store = state_store
+        self.require_encryption = require_encryption
+        self.is_ours = is_ours
         self.log = logging.getLogger("bridge.crypto.send")
-        self._encrypt_locks: dict[RoomID, asyncio.Lock] = {}
+        self._encrypt_locks: dict[tuple[str, RoomID], asyncio.Lock] = {}
 
     async def send(
         self,
@@ -46,11 +57,19 @@ class EncryptedSender:
         content: Serializable | dict[str, Any],
         event_type: EventType = EventType.ROOM_MESSAGE,
         txn_id: str | None = None,
+        allow_plaintext: bool = False,
     ) -> EventID:
-        """Send an event, encrypted whenever the room is encrypted."""
+        """Send an event as intent's user, encrypted by that user's own device.
+
+        Plaintext is refused unless the admin set encryption.require: false, or the caller
+        marks the one kind of message that may be plain: the notice explaining that a room's
+        encryption is off (it carries nothing private).
+        """
         if await self.is_encrypted(intent, room_id):
-            content = await self._encrypt(room_id, event_type, content)
+            content = await self._encrypt(intent.mxid, room_id, event_type, content)
             event_type = EventType.ROOM_ENCRYPTED
+        elif self.require_encryption and not allow_plaintext:
+            raise PlaintextRefused(room_id)
         return await intent.send_message_event(room_id, event_type, content, txn_id=txn_id)
 
     async def is_encrypted(self, intent: IntentAPI, room_id: RoomID) -> bool:
@@ -66,26 +85,30 @@ class EncryptedSender:
         return bool(encrypted)
 
     async def _encrypt(
-        self, room_id: RoomID, event_type: EventType, content: Serializable | dict[str, Any]
+        self,
+        sender: str,
+        room_id: RoomID,
+        event_type: EventType,
+        content: Serializable | dict[str, Any],
     ) -> Serializable:
-        # One encryption at a time per room: two concurrent ones could load the same stored
-        # outbound session and emit two messages with the same Megolm index.
-        async with self._encrypt_locks.setdefault(room_id, asyncio.Lock()):
-            return await self._encrypt_locked(room_id, event_type, content)
-
-    async def _encrypt_locked(
-        self, room_id: RoomID, event_type: EventType, content: Serializable | dict[str, Any]
-    ) -> Serializable:
-        try:
-            return await self.machine.encrypt_megolm_event(room_id, event_type, content)
-        except EncryptionError:
-            # No outbound session yet, or it was rotated by a membership or device change.
-            # Invited members too: a message may arrive before its reader has joined.
-            members = await self.state_store.get_members(
-                room_id, memberships=(Membership.JOIN, Membership.INVITE)
-            )
-            await self.machine.share_group_session(room_id, members)
-            return await self.machine.encrypt_megolm_event(room_id, event_type, content)
+        account = await self.identities.for_user(sender)
+        # One encryption at a time per sender and room: two concurrent ones could load the same
+        # stored outbound session and emit two messages with the same Megolm index.
+        lock = self._encrypt_locks.setdefault((account.user_id, room_id), asyncio.Lock())
+        async with lock:
+            machine = account.machine
+            try:
+                return await machine.encrypt_megolm_event(room_id, event_type, content)
+            except EncryptionError:
+                # No outbound session yet, or it was rotated by a membership change. Invited
+                # members too: a mail may arrive before its reader has joined. Our own users
+                # (bot, ghosts) never need to read what we send.
+                members = await self.state_store.get_members(
+                    room_id, memberships=(Membership.JOIN, Membership.INVITE)
+                )
+                readers = [m for m in members if not self.is_ours(m)]
+                await machine.share_group_session(room_id, readers)
+                return await machine.encrypt_megolm_event(room_id, event_type, content)
 
     async def decrypt(self, evt: EncryptedEvent) -> MessageEvent:
         try:
@@ -99,5 +122,20 @@ class EncryptedSender:
             return await self.machine.decrypt_megolm_event(evt)
 
     async def handle_member_event(self, evt: StateEvent) -> None:
-        """Rotate the room's outbound session when membership changes (a leaver loses access)."""
-        await self.machine.handle_member_event(evt)
+        """Rotate every sender's outbound session when membership changes (a leaver loses
+        access to what comes next; a newcomer gets the new session)."""
+        prev = evt.prev_content.membership if evt.prev_content else Membership.LEAVE
+        cur = evt.content.membership
+        harmless = {(Membership.INVITE, Membership.JOIN), (Membership.BAN, Membership.LEAVE),
+                    (Membership.LEAVE, Membership.BAN)}
+        if prev == cur or (prev, cur) in harmless or self.is_ours(evt.state_key):
+            return
+        await self.identities.forget_outbound_sessions(evt.room_id)
+
+
+class PlaintextRefused(Exception):
+    """The room is not encrypted and encryption.require forbids speaking in it."""
+
+    def __init__(self, room_id: RoomID) -> None:
+        super().__init__(f"{room_id} is not encrypted; not sending plaintext (encryption.require)")
+        self.room_id = room_id

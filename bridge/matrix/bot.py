@@ -22,11 +22,16 @@ from mautrix.types import (
     TextMessageEventContent,
 )
 
-from ..crypto import CryptoAccount, EncryptedSender
+from ..crypto import CryptoAccount, EncryptedSender, PlaintextRefused
 from ..permissions import Level, Permissions
 from ..portal import PortalManager
 from .commands import CommandEvent, registry
 
+ENCRYPTION_OFF = (
+    "I couldn't turn on encryption here because I don't have permission to change this room's "
+    "settings, and I only talk in encrypted rooms. Please turn it on: Room settings → Security & "
+    "Privacy → Encrypted."
+)
 REFUSAL = (
     "Sorry, you are not allowed to use Cloakroom on this homeserver. "
     "If you think you should be, ask your homeserver admin."
@@ -59,12 +64,18 @@ class Bot:
         self.mxid = intent.mxid
         self.log = logging.getLogger("bridge.mx.bot")
 
-    async def notice(self, room_id: RoomID, text: str, html_text: str | None = None) -> None:
+    async def notice(
+        self, room_id: RoomID, text: str, html_text: str | None = None, *, plain_ok: bool = False
+    ) -> None:
         content = TextMessageEventContent(msgtype=MessageType.NOTICE, body=text)
         if html_text:
             content.format = Format.HTML
             content.formatted_body = html_text
-        await self.sender.send(self.intent, room_id, content)
+        try:
+            await self.sender.send(self.intent, room_id, content, allow_plaintext=plain_ok)
+        except PlaintextRefused:
+            # The only thing said in the clear: that we only speak once the room is encrypted.
+            await self.notice(room_id, ENCRYPTION_OFF, plain_ok=True)
 
     # Invites ---------------------------------------------------------------------------------
 
@@ -96,12 +107,7 @@ class Bot:
         except (MForbidden, IntentError) as e:
             # IntentError: mautrix checked the cached power levels before even trying.
             self.log.getChild(room_id).info("Cannot enable encryption: %s", e)
-            await self.notice(
-                room_id,
-                "I couldn't turn on encryption here because I don't have permission to change "
-                "this room's settings. Please turn it on yourself: Room settings → Security & "
-                "Privacy → Encrypted. Until then, what I write here is not end-to-end encrypted.",
-            )
+            await self.notice(room_id, ENCRYPTION_OFF, plain_ok=True)
             return
         # The state store learns from the transaction too, but we may send before it arrives.
         await self.state_store.set_encryption_info(room_id, content)

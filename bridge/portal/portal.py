@@ -17,7 +17,12 @@ from typing import Any
 
 from mautrix.appservice import IntentAPI
 from mautrix.client.state_store.asyncpg import PgStateStore
-from mautrix.types import RoomID
+from mautrix.types import (
+    EncryptionAlgorithm,
+    EventType,
+    RoomEncryptionStateEventContent,
+    RoomID,
+)
 from mautrix.util.async_db import Database
 
 from ..crypto import EncryptedSender
@@ -80,6 +85,20 @@ class PortalManager:
     def is_ours(self, address: str) -> bool:
         return normalize_address(address).rpartition("@")[2] == self.email_domain
 
+    async def ensure_encrypted(self, room_id: RoomID) -> None:
+        """Rooms we make are encrypted; if a portal's encryption is missing, turn it back on."""
+        if await self.sender.is_encrypted(self.bot, room_id):
+            return
+        content = {"algorithm": "m.megolm.v1.aes-sha2"}
+        await self.bot.send_state_event(room_id, EventType.ROOM_ENCRYPTION, content)
+        await self.state_store.set_encryption_info(
+            room_id, RoomEncryptionStateEventContent(algorithm=EncryptionAlgorithm.MEGOLM_V1)
+        )
+        self.log.warning("Encryption was off in portal %s; turned it back on", room_id)
+        await self.notify(
+            room_id, "Encryption was off in this conversation, so I turned it back on.", None
+        )
+
     async def portal_for_room(self, room_id: RoomID) -> PortalRow | None:
         return await self.portals.by_room(room_id)
 
@@ -107,6 +126,7 @@ class PortalManager:
         conv = self._conversation(mail, job)
         portal = await self._portal_for(job, mail, conv)
         room_id = await self.ensure_room(portal)
+        await self.ensure_encrypted(room_id)
         author = self._author(mail, job)
         if portal.kind == "group":
             # Everyone on the mail is in the conversation, so everyone is in the room.
