@@ -98,3 +98,16 @@ async def test_unpermitted_member_gets_polite_refusal_in_shared_room(running: En
     _, reply = await sync_until(outsider, from_sender(room_id, running.bot_mxid))
     assert reply.decrypted
     assert "not allowed to use Cloakroom" in reply.body
+
+
+async def test_bot_never_answers_in_plaintext(running: Env) -> None:
+    alice = await running.new_user()
+    room_id = await open_dm_with_bot(
+        alice, running.bot_mxid, encrypted=False, preset=RoomPreset.private_chat
+    )
+    _, first = await sync_until(alice, from_sender(room_id, running.bot_mxid))
+    await send_text(alice, room_id, "help")
+    _, reply = await sync_until(alice, from_sender(room_id, running.bot_mxid))
+    # encryption.require: the command's answer is withheld; only the explanation is plain.
+    assert "Cloakroom commands" not in reply.body
+    assert reply.body == first.body and "only talk in encrypted rooms" in reply.body
