@@ -14,7 +14,7 @@ import yarl
 from aiohttp import ClientError
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.errors import MatrixConnectionError, MatrixRequestError, MForbidden, MNotFound
-from mautrix.types import UserID
+from mautrix.types import DeviceLists, UserID
 from mautrix.util.async_db import Database
 
 from . import __version__
@@ -28,6 +28,9 @@ from .identifiers import ghost_address
 from .matrix.appservice import BridgeAppService
 from .matrix.bot import Bot
 from .matrix.handler import MatrixHandler
+from .onboarding.checkup import Checkup
+from .onboarding.guard import build_guard
+from .onboarding.welcome import Onboarding
 from .permissions import Permissions
 from .portal import Ghosts, GhostStore, PortalManager
 from .portal.outbox import Outbox
@@ -64,6 +67,7 @@ class Cloakroom:
         self.handler: MatrixHandler | None = None
         self.inbound: InboundMail | None = None
         self.outbound: OutboundWorker | None = None
+        self.onboarding: Onboarding | None = None
         self._stopping = asyncio.Event()
         self._prune_task: asyncio.Task[None] | None = None
 
@@ -80,6 +84,7 @@ class Cloakroom:
         self._start_hub(state_store)
         self._start_handlers(state_store)
         await self._start_email()
+        self._start_onboarding(state_store)
         self._prune_task = asyncio.create_task(self._prune_transactions())
         # From here on, transactions that waited for start-up are processed.
         self.az.started.set()
@@ -199,6 +204,14 @@ class Cloakroom:
             bot, self.sender, self.hub, self.outgoing, cfg["bridge.username_template"],
             cfg["homeserver.domain"],
         )
+        # The encryption guard (None when off); its notice is the one thing the bot may say in
+        # the clear: the room is unencrypted until right after it.
+        guard = build_guard(
+            cfg, self.az.intent, self.permissions, self.db,
+            notify=lambda room, text, html: bot.notice(room, text, html, plain_ok=True),
+            command_prefix=cfg["bridge.command_prefix"],
+        )
+        self.handler.guard = bot.guard = guard
         self.az.matrix_event_handler(self.handler.dispatch)
 
     async def _start_email(self) -> None:
@@ -219,6 +232,43 @@ class Cloakroom:
             await self.outbound.start()
         else:
             self.log.warning("email.relay.host is empty: mail written in Matrix is not sent")
+
+    def _start_onboarding(self, state_store: PgASStateStore) -> None:
+        """Welcome DMs, the `checkup` command and nudges about unverified sessions."""
+        cfg = self.config
+        template, domain = cfg["bridge.username_template"], cfg["homeserver.domain"]
+        onboarding = self.onboarding = Onboarding(
+            db=self.db,
+            bot=self.az.intent,
+            sender=self.sender,
+            state_store=state_store,
+            permissions=self.permissions,
+            checkup=Checkup(
+                self.az.intent,
+                domain=domain,
+                email_domain=cfg.email_domain,
+                # Only the guard's namespace lets the bot ask about a user's key backup as them.
+                act_as_users=cfg["onboarding.guard"] != "off",
+            ),
+            is_ours=lambda user_id: user_id == self.az.bot_mxid
+            or ghost_address(template, user_id, domain) is not None,
+            welcome=cfg["onboarding.welcome"],
+            nudge_interval_days=cfg["onboarding.nudge_interval_days"],
+        )
+        self.handler.onboarding = onboarding
+        self.handler.bot.onboarding = onboarding  # read by the `checkup` command
+        self.inbound.worker.on_delivered = onboarding.seen
+        crypto_device_lists = self.az.device_list_handler
+
+        async def device_lists(lists: DeviceLists) -> None:
+            # The crypto layer and the checkup both need every device list change.
+            try:
+                if crypto_device_lists:
+                    await crypto_device_lists(lists)
+            finally:
+                await onboarding.handle_device_lists(lists)
+
+        self.az.device_list_handler = device_lists
 
     async def _user_exists(self, user_id: str) -> bool | None:
         """Whether a local Matrix user exists, for RCPT checks; None when we cannot tell now."""
@@ -275,6 +325,8 @@ class Cloakroom:
             await self.outbound.stop()
         if self.az:
             await self.az.stop_server()
+        if self.onboarding:
+            await self.onboarding.stop()
         if self.handler:
             try:
                 await asyncio.wait_for(self.handler.queues.drain(), DRAIN_SECONDS)

@@ -41,8 +41,6 @@ def build(config: Config, as_token: str, hs_token: str) -> dict[str, Any]:
             "aliases": [],
             "rooms": [],
         },
-        # The encryption guard (onboarding.guard) acts for local users: a non-exclusive
-        # namespace lets the homeserver tell us about their rooms and lets us act as them.
         # Typing, receipts and (MSC2409) to-device events are pushed in transactions, so the
         # bridge decrypts without a /sync loop.
         "receive_ephemeral": True,
@@ -53,6 +51,8 @@ def build(config: Config, as_token: str, hs_token: str) -> dict[str, Any]:
         "io.element.msc4190": True,
     }
     if config["onboarding.guard"] != "off":
+        # The encryption guard acts for local users: a non-exclusive namespace lets the
+        # homeserver tell us about their rooms and lets us act as them.
         registration["namespaces"]["users"].append(
             {"regex": f"@.*:{re.escape(domain)}$", "exclusive": False}
         )

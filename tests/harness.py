@@ -113,6 +113,8 @@ class Env:
     relay: Any = None  # tests.relay.TestRelay: where the bridge sends mail
     onboarding: Any = None  # BridgeProcess: a second bridge with the guard and welcome on
     clients: list[AsyncClient] = field(default_factory=list)
+    # user ID → password of the users new_user registered (to log in again, or for UIA).
+    passwords: dict[str, str] = field(default_factory=dict)
 
     @property
     def hs_token(self) -> str:
@@ -141,6 +143,7 @@ class Env:
             await client.keys_upload()
         await client.sync(timeout=0, full_state=True)
         self.clients.append(client)
+        self.passwords[client.user_id] = password
         return client
 
     async def close(self) -> None:
@@ -242,15 +245,20 @@ def put_transaction(env: Env, txn_id: str, body: bytes | dict[str, Any],
 
 
 async def accept_invite(
-    client: AsyncClient, predicate: Callable[[str], bool] | None = None, timeout: float = 60
+    client: AsyncClient,
+    predicate: Callable[[str], bool] | None = None,
+    timeout: float = 60,
+    inviter_prefix: str | None = None,
 ) -> str:
-    """Wait for an invite (optionally to a room matching predicate), join it, return the room."""
+    """Wait for an invite (optionally to a room matching predicate, or from an inviter whose ID
+    starts with inviter_prefix), join it, return the room."""
     room_id, _ = await sync_until(
         client,
         lambda rid, e: isinstance(e, InviteMemberEvent)
         and e.state_key == client.user_id
         and e.membership == "invite"
-        and (predicate is None or predicate(rid)),
+        and (predicate is None or predicate(rid))
+        and (inviter_prefix is None or e.sender.startswith(inviter_prefix)),
         timeout=timeout,
     )
     await client.join(room_id)

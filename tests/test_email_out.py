@@ -207,6 +207,12 @@ async def test_non_owner_gets_one_notice_and_is_not_mailed(running: Env) -> None
     room_id, root, _ = await _portal(running, alice)
     await alice.room_invite(room_id, carol.user_id)
     await accept_invite(carol)
+    # Make sure carol's client knows every member's devices (the bot's included) before it
+    # shares its first Megolm session; otherwise the bridge can't read her message at all.
+    await carol.joined_members(room_id)
+    await carol.sync(timeout=0)
+    if carol.should_query_keys:
+        await carol.keys_query()
     first = await send_text(carol, room_id, unique("carol"))
     await send_text(carol, room_id, unique("carol-again"))
     # Ordering trick: the owner's edit is handled after carol's messages; its notice is last.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,8 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from nio import AsyncClient, AsyncClientConfig, LoginResponse
+from ruamel.yaml import YAML
 
+from bridge.__main__ import main as bridge_main
+from bridge.config import sample_text, write_values
+from bridge.quickstart.__main__ import _bridge_config
 from bridge.quickstart.synapse import free_port
 
 from .harness import (
@@ -91,7 +97,7 @@ async def test_quickstart_brings_up_a_bot_a_client_can_talk_to(tmp_path: Path) -
             # The advertised mailbox really receives mail, offline (no DNS) included.
             token = unique("quickstart")
             await send(smtp_port, make_mail(to=facts["mailbox"], text=token), [facts["mailbox"]])
-            portal = await accept_invite(client)
+            portal = await accept_invite(client, inviter_prefix="@_email_")
             mail = await wait_for_event(client, portal, lambda e: token in getattr(e, "body", ""))
             assert mail.decrypted
             # An answer written in the room leaves as mail: here, into the sent folder.
@@ -112,6 +118,9 @@ async def test_quickstart_brings_up_a_bot_a_client_can_talk_to(tmp_path: Path) -
     assert code == 0, "Ctrl-C did not stop the quickstart cleanly"
 
     # A second run reuses the state: same account, nothing regenerated.
+    # Private rooms encrypted from the start (the guard covers the rest), for the quickstart only.
+    overrides = YAML(typ="safe").load((state / "synapse" / "overrides.yaml").read_text())
+    assert overrides["encryption_enabled_by_default_for_room_type"] == "invite"
     config_before = (state / "config.yaml").read_text()
     proc, _ = await asyncio.to_thread(_start, state, ports)
     try:
@@ -122,3 +131,32 @@ async def test_quickstart_brings_up_a_bot_a_client_can_talk_to(tmp_path: Path) -
         await client.close()
     finally:
         assert await asyncio.to_thread(_stop, proc) == 0
+
+
+def test_quickstart_adds_the_guard_namespace_to_an_older_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state directory made before the guard: its registration is regenerated on the next run,
+    with the guard's namespace and tokens that match the config."""
+    for name in [n for n in os.environ if n.startswith("CLOAKROOM_")]:
+        monkeypatch.delenv(name)
+    state = tmp_path / "state"
+    state.mkdir()
+    config, registration = state / "config.yaml", state / "registration.yaml"
+    config.write_text(sample_text())
+    write_values(config, {"homeserver.address": "http://127.0.0.1:8008",
+                          "homeserver.domain": "localhost", "onboarding.guard": "off"})
+    assert bridge_main(["-c", str(config), "-g", "-r", str(registration)]) == 0
+    guard_ns = {"regex": "@.*:localhost$", "exclusive": False}
+    assert guard_ns not in YAML(typ="safe").load(registration.read_text())["namespaces"]["users"]
+
+    _bridge_config(state, 8008, 29400, 2525, 2526)
+    reg = YAML(typ="safe").load(registration.read_text())
+    cfg = YAML(typ="safe").load(config.read_text())
+    assert guard_ns in reg["namespaces"]["users"]
+    assert cfg["onboarding"]["guard"] == "private"
+    assert reg["as_token"] == cfg["appservice"]["as_token"]
+    # Up to date now: the next run leaves both files alone.
+    before = registration.read_text(), config.read_text()
+    _bridge_config(state, 8008, 29400, 2525, 2526)
+    assert (registration.read_text(), config.read_text()) == before

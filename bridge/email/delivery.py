@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 
 from ..portal import MailJob, PortalManager
 from .auth import AuthVerdict
@@ -33,6 +34,8 @@ class DeliveryWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(PARALLEL_CONVERSATIONS)
+        # Told the user ID after each delivered mail (the app greets a user at their first).
+        self.on_delivered: Callable[[str], Awaitable[None]] | None = None
         self.log = logging.getLogger("bridge.email.delivery")
 
     def wake(self) -> None:
@@ -109,6 +112,11 @@ class DeliveryWorker:
             return await self._failed(d, e)
         await self.queue.finish(d.message_id, d.user_id, "delivered")
         self.log.info("Delivered %s to %s", d.message_id, d.user_id)
+        if self.on_delivered:
+            try:
+                await self.on_delivered(d.user_id)
+            except Exception:
+                self.log.exception("After-delivery hook failed for %s", d.user_id)
         return True
 
     async def _failed(self, d: DueDelivery, error: Exception) -> bool:

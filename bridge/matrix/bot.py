@@ -25,6 +25,10 @@ from mautrix.types import (
 from ..crypto import CryptoAccount, EncryptedSender, PlaintextRefused
 from ..permissions import Level, Permissions
 from ..portal import PortalManager
+from . import (
+    commands_checkup,  # noqa: F401  (registers `checkup`)
+    commands_guard,  # noqa: F401  (registers `guard`)
+)
 from .commands import CommandEvent, registry
 
 ENCRYPTION_OFF = (

@@ -22,6 +22,8 @@ from mautrix.types import (
 
 from ..crypto import EncryptedSender
 from ..identifiers import ghost_address
+from ..onboarding.guard import GUARD_EVENTS, EncryptionGuard
+from ..onboarding.welcome import Onboarding
 from ..portal import PortalManager
 from ..portal.outgoing import Outgoing
 from ..portal.start import adopt_dm
@@ -84,6 +86,8 @@ class MatrixHandler:
         self._domain = domain
         self._ghost_prefix = f"@{username_template.partition('{address}')[0]}"
         self._domain_suffix = f":{domain}"
+        # Set by the app: greets local users the first time one of their events comes by.
+        self.onboarding: Onboarding | None = None
         self.log = logging.getLogger("bridge.mx")
 
     def is_ours(self, user_id: UserID) -> bool:
@@ -92,8 +96,28 @@ class MatrixHandler:
             user_id.startswith(self._ghost_prefix) and user_id.endswith(self._domain_suffix)
         )
 
+    # The encryption guard (bridge/onboarding/guard.py): set by app.py when it is on.
+    guard: EncryptionGuard | None = None
+
+    async def _route_to_guard(self, evt: Event) -> None:
+        """Room changes that may call for encryption, and `guard` commands said in plaintext in
+        rooms the bot is not in (where it is, the bot answers them like any command)."""
+        guard = self.guard
+        sender = getattr(evt, "sender", None)  # typing and receipts have none
+        if guard is None or not sender or self.is_ours(sender):
+            return
+        if evt.type in GUARD_EVENTS:
+            if evt.type != EventType.ROOM_MEMBER or not self.is_ours(UserID(evt.state_key)):
+                self.queues.submit(evt.room_id, guard.handle_event(evt))
+        elif guard.is_room_command(evt) and not await self._bot_is_in(evt.room_id):
+            self.queues.submit(evt.room_id, guard.handle_room_command(evt))
+
     async def dispatch(self, evt: Event) -> None:
         """Called in transaction order, after the state store has seen the event."""
+        await self._route_to_guard(evt)
+        sender = getattr(evt, "sender", None)  # typing and receipts have none
+        if self.onboarding and sender and not evt.type.is_ephemeral and not self.is_ours(sender):
+            await self.onboarding.seen(sender)
         if evt.type == EventType.ROOM_MEMBER:
             await self._route_member(evt)
         elif evt.type in (EventType.ROOM_MESSAGE, EventType.ROOM_ENCRYPTED):

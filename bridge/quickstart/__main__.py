@@ -21,8 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ruamel.yaml import YAML
+
 from ..__main__ import main as bridge_main
-from ..config import sample_text, write_values
+from ..config import load_for_registration, sample_text, write_values
+from ..registration import build as build_registration
 from .sink import MailSink
 from .synapse import LocalSynapse, SynapseError
 
@@ -75,13 +78,29 @@ def _bridge_config(
             "email.relay.host": "127.0.0.1",
             "email.relay.port": sink_port,
             "email.relay.security": "none",
+            # The encryption guard: private rooms of local users get encrypted.
+            "onboarding.guard": "private",
         },
     )
-    if fresh:
-        code = bridge_main(["-c", str(config), "-g", "-r", str(state / "registration.yaml")])
+    registration = state / "registration.yaml"
+    if fresh or _registration_outdated(config, registration):
+        # A state directory from an older version lacks the guard's namespace: a new
+        # registration (fresh tokens too) is fine, since Synapse is only started after this.
+        args = ["-c", str(config), "-g", "-r", str(registration)]
+        code = bridge_main(args if fresh else [*args, "--force"])
         if code:
             raise SystemExit(code)
     return config
+
+
+def _registration_outdated(config: Path, registration: Path) -> bool:
+    """Whether the registration lacks a user namespace the config now needs."""
+    if not registration.exists():
+        return True
+    wanted = build_registration(load_for_registration(str(config), os.environ), "", "")
+    have = YAML(typ="safe").load(registration.read_text()) or {}
+    have_users = have.get("namespaces", {}).get("users", [])
+    return any(ns not in have_users for ns in wanted["namespaces"]["users"])
 
 
 def _demo_account(state: Path, synapse: LocalSynapse, smtp_port: int) -> dict[str, Any]:
@@ -171,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_dir=state / "synapse",
         port=args.hs_port,
         registration_files=[state / "registration.yaml"],
+        # Clients then create private rooms encrypted from the start; the guard covers the rest.
+        extra_config={"encryption_enabled_by_default_for_room_type": "invite"},
     )
     stop = False
 

@@ -1,0 +1,1 @@
+"""Onboarding: helping every local user stay encrypted (welcome, security checkup, guard)."""
