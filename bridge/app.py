@@ -24,7 +24,7 @@ from .db import BridgeState, TxnLog, open_database
 from .email.inbound import InboundMail
 from .email.outbound import OutboundWorker, build_outbound
 from .exitcodes import EXIT_DATABASE
-from .identifiers import ghost_address
+from .identifiers import is_ghost
 from .matrix.appservice import BridgeAppService
 from .matrix.bot import Bot
 from .matrix.handler import MatrixHandler
@@ -130,7 +130,7 @@ class Cloakroom:
         )
         await self.crypto.start()
         template, domain = cfg["bridge.username_template"], cfg["homeserver.domain"]
-        self.is_ghost = lambda user_id: ghost_address(template, user_id, domain) is not None
+        self.is_ghost = lambda user_id: is_ghost(template, user_id, domain)
         self.identities = Identities(
             bot=self.crypto,
             is_ghost=self.is_ghost,
@@ -152,7 +152,7 @@ class Cloakroom:
             self.identities,
             state_store,
             require_encryption=cfg["encryption.require"],
-            is_ours=lambda user_id: user_id == self.az.bot_mxid or self.is_ghost(user_id),
+            is_ours=self.is_ours,
         )
         self.permissions = Permissions(cfg["permissions"], cfg["homeserver.domain"])
         ghosts = Ghosts(
@@ -236,7 +236,7 @@ class Cloakroom:
     def _start_onboarding(self, state_store: PgASStateStore) -> None:
         """Welcome DMs, the `checkup` command and nudges about unverified sessions."""
         cfg = self.config
-        template, domain = cfg["bridge.username_template"], cfg["homeserver.domain"]
+        domain = cfg["homeserver.domain"]
         onboarding = self.onboarding = Onboarding(
             db=self.db,
             bot=self.az.intent,
@@ -250,8 +250,7 @@ class Cloakroom:
                 # Only the guard's namespace lets the bot ask about a user's key backup as them.
                 act_as_users=cfg["onboarding.guard"] != "off",
             ),
-            is_ours=lambda user_id: user_id == self.az.bot_mxid
-            or ghost_address(template, user_id, domain) is not None,
+            is_ours=self.is_ours,
             welcome=cfg["onboarding.welcome"],
             nudge_interval_days=cfg["onboarding.nudge_interval_days"],
         )
@@ -269,6 +268,10 @@ class Cloakroom:
                 await onboarding.handle_device_lists(lists)
 
         self.az.device_list_handler = device_lists
+
+    def is_ours(self, user_id: str) -> bool:
+        """The bot or one of our ghosts."""
+        return user_id == self.az.bot_mxid or self.is_ghost(user_id)
 
     async def _user_exists(self, user_id: str) -> bool | None:
         """Whether a local Matrix user exists, for RCPT checks; None when we cannot tell now."""

@@ -93,3 +93,16 @@ def ghost_address(template: str, user_id: str, domain: str) -> str | None:
     if not address or address.count("@") != 1:
         return None
     return normalize_address(address)
+
+
+def is_ghost(template: str, user_id: str, domain: str) -> bool:
+    """Whether user_id lies in our exclusive ghost namespace (what the registration claims),
+    whether or not its localpart decodes to an address."""
+    prefix, _, suffix = template.partition("{address}")
+    localpart, _, server = user_id.removeprefix("@").partition(":")
+    return (
+        server == domain
+        and len(localpart) > len(prefix) + len(suffix)
+        and localpart.startswith(prefix)
+        and localpart.endswith(suffix)
+    )

@@ -13,7 +13,8 @@ import secrets
 import pytest
 from mautrix.util.async_db import Database
 
-from bridge.email.queue import InboundQueue, QueuedRecipient, now_ms
+from bridge.email.queue import InboundQueue, QueuedRecipient
+from bridge.worker import now_ms
 
 ALICE, BOB, CAROL = "@alice:hs.test", "@bob:hs.test", "@carol:hs.test"
 HOLD_MS = 60_000

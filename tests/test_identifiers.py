@@ -86,3 +86,20 @@ def test_ghost_address_rejects_non_ghosts(user_id: str) -> None:
     from bridge.identifiers import ghost_address
 
     assert ghost_address("_email_{address}", user_id, "localhost") is None
+
+
+@pytest.mark.parametrize(
+    ("user_id", "ours"),
+    [
+        ("@_email_bob=40x.org:localhost", True),
+        ("@_email_=zz:localhost", True),  # in our namespace even if it decodes to nothing
+        ("@_email_:localhost", False),
+        ("@_email_bob=40x.org:other", False),
+        ("@alice:localhost", False),
+    ],
+)
+def test_is_ghost_follows_the_registered_namespace(user_id: str, ours: bool) -> None:
+    from bridge.identifiers import is_ghost
+
+    assert is_ghost("_email_{address}", user_id, "localhost") is ours
+    assert bool(re.match(user_regex("_email_{address}", "localhost"), user_id)) is ours

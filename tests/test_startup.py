@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -73,7 +74,15 @@ async def test_wrong_pickle_key_exits_20_and_names_the_key(running: Env) -> None
     """A second bridge process on the same database with another pickle key must refuse."""
     config = running.bridge.config_path
     db = running.base_dir / "bridge.db"
-    before = db.stat().st_size
+
+    def account() -> tuple:
+        with sqlite3.connect(db) as conn:
+            return conn.execute(
+                "SELECT device_id, account FROM crypto_account WHERE account_id=?",
+                (running.bot_mxid,),
+            ).fetchone()
+
+    before = account()
     proc = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "bridge", "-c", str(config)],
@@ -85,7 +94,8 @@ async def test_wrong_pickle_key_exits_20_and_names_the_key(running: Env) -> None
     )
     assert proc.returncode == EXIT_CRYPTO, proc.stderr[-3000:]
     assert "encryption.pickle_key does not decrypt" in proc.stderr
-    assert db.stat().st_size >= before
+    # Refusing is all it did: the stored identity is untouched.
+    assert account() == before
     # The running bridge is unaffected.
     alice = await running.new_user()
     await open_dm_with_bot(alice, running.bot_mxid)

@@ -7,23 +7,18 @@ reply never overtakes the mail it answers; other conversations and users go in p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
 from ..portal import MailJob, PortalManager
+from ..worker import DueWorker, backoff_ms, now_ms
 from .auth import AuthVerdict
-from .queue import DueDelivery, InboundQueue, now_ms
+from .queue import DueDelivery, InboundQueue
 
 MAX_BACKOFF_MS = 10 * 60 * 1000
-IDLE_POLL_SECONDS = 30
 PARALLEL_CONVERSATIONS = 8
 
-
-def backoff_ms(attempts: int) -> int:
-    """1 s, 2 s, 4 s … capped at 10 minutes."""
-    return min(1000 * 2 ** min(attempts, 20), MAX_BACKOFF_MS)
 
 
 class DeliveryWorker:
@@ -31,43 +26,21 @@ class DeliveryWorker:
         self.queue = queue
         self.portals = portals
         self.give_up_after_ms = give_up_after_ms
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.log = logging.getLogger("bridge.email.delivery")
+        self._loop = DueWorker(self._round, queue.next_due_at, self.log)
         self._slots = asyncio.Semaphore(PARALLEL_CONVERSATIONS)
         # Told the user ID after each delivered mail (the app greets a user at their first).
         self.on_delivered: Callable[[str], Awaitable[None]] | None = None
         self.log = logging.getLogger("bridge.email.delivery")
 
     def wake(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                worked = await self._round()
-            except Exception:
-                self.log.exception("Delivery round failed")
-                worked = False
-            if not worked:
-                await self._sleep_until_due()
-
-    async def _sleep_until_due(self) -> None:
-        next_due = await self.queue.next_due_at()
-        timeout = IDLE_POLL_SECONDS
-        if next_due is not None:
-            timeout = min(timeout, max(0.0, (next_due - now_ms()) / 1000))
-        self._wake.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        await self._loop.stop()
 
     async def _round(self) -> bool:
         due = await self.queue.due(limit=200)
@@ -90,14 +63,13 @@ class DeliveryWorker:
 
     async def _deliver(self, d: DueDelivery) -> bool:
         verdict = AuthVerdict.from_json(d.auth) if d.auth else None
-        shown = d.mail_from or "the sender"
         job = MailJob(
             queue_id=d.message_id,
             owner=d.user_id,
             recipient=d.recipient,
             tag=d.tag,
             raw=d.raw,
-            warning=verdict.marker(_from_address(d.raw) or shown) if verdict else None,
+            warning_for=verdict.marker if verdict else None,
             envelope_from=d.mail_from,
             done_parts=await self.queue.done_parts(d.message_id, d.user_id),
         )
@@ -127,7 +99,7 @@ class DeliveryWorker:
             )
             await self.queue.finish(d.message_id, d.user_id, "failed", str(error))
             return True
-        delay = backoff_ms(d.attempts)
+        delay = backoff_ms(d.attempts, MAX_BACKOFF_MS)
         self.log.warning(
             "Delivery of %s to %s failed (attempt %d): %s; retrying in %d s",
             d.message_id, d.user_id, d.attempts + 1, error, delay // 1000,
@@ -136,15 +108,3 @@ class DeliveryWorker:
         await self.queue.retry_later(d.message_id, d.user_id, delay, repr(error))
         return False
 
-
-def _from_address(raw: bytes) -> str | None:
-    from email.parser import BytesHeaderParser
-    from email.policy import default
-    from email.utils import parseaddr
-
-    try:
-        headers = BytesHeaderParser(policy=default).parsebytes(raw)
-        address = parseaddr(str(headers.get("From", "")))[1]
-    except Exception:
-        return None
-    return address or None

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
+from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import parseaddr
@@ -147,7 +148,7 @@ class InboundHandler:
                 f"550 5.7.1 Rejected: {verdict.from_domain} asks to refuse mail that fails "
                 "DMARC authentication, and this one does"
             )
-        queue_id = await self._enqueue(raw, session, envelope, recipients, verdict)
+        queue_id = await self._enqueue(raw, session, envelope, recipients, verdict, headers)
         self.log.info("Queued %s from %s for %d recipient(s)", queue_id, envelope.mail_from,
                       len(recipients))
         return f"250 2.0.0 Queued as {queue_id}"
@@ -163,6 +164,7 @@ class InboundHandler:
         envelope: Envelope,
         recipients: list[LocalRecipient],
         verdict: AuthVerdict,
+        headers: Message,
     ) -> str:
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         mail_from = _reverse_path(envelope.mail_from)
@@ -173,7 +175,7 @@ class InboundHandler:
             helo=session.host_name or "",
             auth=verdict.to_json(),
             recipients=[QueuedRecipient(r.user_id, r.recipient, r.tag) for r in recipients],
-            order_key=_order_key(raw, mail_from),
+            order_key=_order_key(headers, mail_from),
         )
         # Counted once committed: refused or failed attempts don't use up the sender's quota.
         if mail_from:
@@ -189,10 +191,9 @@ def _reverse_path(address: str | None) -> str:
     return "" if not address or address == "<>" else address
 
 
-def _order_key(raw: bytes, mail_from: str) -> str:
+def _order_key(headers: Message, mail_from: str) -> str:
     """Which conversation a mail belongs to, as far as delivery order goes: its list, else its
-    author. Cheap (headers only) and deliberately coarse; it only decides what runs in parallel."""
-    headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
+    author. Deliberately coarse: it only decides what may be delivered in parallel."""
     list_id = str(headers.get("List-Id", "") or "").strip().lower()
     if list_id:
         return f"list:{list_id}"

@@ -8,7 +8,6 @@ failed, with the server's own words. Success is silent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -16,10 +15,10 @@ import aiosmtplib
 
 from ..config import Config
 from ..portal import PortalManager
-from ..portal.outbox import Outbox, OutboxRow, now_ms
+from ..portal.outbox import Outbox, OutboxRow
+from ..worker import DueWorker, backoff_ms, now_ms
 from .dkimsign import DkimKey, sign
 
-IDLE_POLL_SECONDS = 30
 MAX_BACKOFF_MS = 15 * 60 * 1000
 
 
@@ -39,10 +38,6 @@ class Outcome:
 
     temporary: str | None = None
     permanent: list[str] | None = None
-
-
-def backoff_ms(attempts: int) -> int:
-    return min(1000 * 2 ** min(attempts, 20), MAX_BACKOFF_MS)
 
 
 def _line(code: int, message: str, recipient: str = "") -> str:
@@ -66,43 +61,24 @@ class OutboundWorker:
         self.relay = relay
         self.lifetime_ms = lifetime_ms
         self.dkim = dkim
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.log = logging.getLogger("bridge.email.out")
+        self._loop = DueWorker(self._round, outbox.next_due_at, self.log)
 
     def wake(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     async def start(self) -> None:
         await self.outbox.recover()
-        self._task = asyncio.create_task(self._run())
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                due = await self.outbox.due()
-                for row in due:
-                    await self._process(row)
-            except Exception:
-                self.log.exception("Outbound round failed")
-                due = []
-            if not due:
-                await self._sleep_until_due()
-
-    async def _sleep_until_due(self) -> None:
-        next_due = await self.outbox.next_due_at()
-        timeout = float(IDLE_POLL_SECONDS)
-        if next_due is not None:
-            timeout = min(timeout, max(0.0, (next_due - now_ms()) / 1000))
-        self._wake.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+    async def _round(self) -> bool:
+        due = await self.outbox.due()
+        for row in due:
+            await self._process(row)
+        return bool(due)
 
     async def _process(self, row: OutboxRow) -> None:
         if not await self.outbox.claim(row.event_id):
@@ -121,7 +97,7 @@ class OutboundWorker:
             await self._tell(row, f"⚠ Gave up sending this message after {hours} h of trying. "
                                   f"The last answer was: {outcome.temporary}")
         else:
-            delay = backoff_ms(row.attempts)
+            delay = backoff_ms(row.attempts, MAX_BACKOFF_MS)
             self.log.warning("Relay problem for %s (attempt %d): %s; retrying in %d s",
                              row.event_id, row.attempts + 1, outcome.temporary, delay // 1000)
             await self.outbox.retry_later(row.event_id, delay, outcome.temporary)

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+from ..worker import now_ms
 
 
 class _Sequence:

@@ -21,7 +21,7 @@ from mautrix.types import (
 )
 
 from ..crypto import EncryptedSender
-from ..identifiers import ghost_address
+from ..identifiers import ghost_address, is_ghost
 from ..onboarding.guard import GUARD_EVENTS, EncryptionGuard
 from ..onboarding.welcome import Onboarding
 from ..portal import PortalManager
@@ -84,17 +84,13 @@ class MatrixHandler:
         self.queues = RoomQueues()
         self._template = username_template
         self._domain = domain
-        self._ghost_prefix = f"@{username_template.partition('{address}')[0]}"
-        self._domain_suffix = f":{domain}"
         # Set by the app: greets local users the first time one of their events comes by.
         self.onboarding: Onboarding | None = None
         self.log = logging.getLogger("bridge.mx")
 
     def is_ours(self, user_id: UserID) -> bool:
         """The bot or one of our ghosts: never react to our own events."""
-        return user_id == self.bot.mxid or (
-            user_id.startswith(self._ghost_prefix) and user_id.endswith(self._domain_suffix)
-        )
+        return user_id == self.bot.mxid or is_ghost(self._template, user_id, self._domain)
 
     # The encryption guard (bridge/onboarding/guard.py): set by app.py when it is on.
     guard: EncryptionGuard | None = None

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+from ..worker import now_ms
 
 
 @dataclass

@@ -18,7 +18,8 @@ from mautrix.types import MessageEvent, RedactionEvent, RelationType, RoomID
 
 from ..db import BridgeState
 from ..formatter import OutgoingAttachment, OutgoingMail, compose, new_message_id, reply_subject
-from .outbox import Outbox, now_ms
+from ..worker import now_ms
+from .outbox import Outbox
 from .store import MailMessageRow, MessageMap, PortalRow
 
 MEDIA_TYPES = ("m.image", "m.file", "m.video", "m.audio")

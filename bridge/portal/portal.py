@@ -43,7 +43,9 @@ class MailJob:
     recipient: str  # the address it was sent to
     tag: str  # the +tag of that address, shown to the user
     raw: bytes
-    warning: str | None  # the sender-authentication marker, None when authenticated
+    # The sender-authentication marker for the address shown as the author; None (or a None
+    # result) when the sender was authenticated.
+    warning_for: Callable[[str], str | None] | None
     envelope_from: str
     done_parts: dict[int, str] = field(default_factory=dict)  # part index → event id
     record_part: Callable[[int, str], Awaitable[None]] | None = None
@@ -276,8 +278,9 @@ class PortalManager:
     def _text_content(self, job: MailJob, mail: ParsedMail, root: bool) -> dict[str, Any]:
         rendered = render_message(mail, root=root)
         notes = []
-        if job.warning:
-            notes.append(job.warning)
+        warning = job.warning_for(self._author(mail, job).address) if job.warning_for else None
+        if warning:
+            notes.append(warning)
         if job.tag:
             notes.append(f"✉ to {job.recipient}")
         body = rendered.body
