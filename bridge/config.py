@@ -250,6 +250,8 @@ class Config:
             raise ConfigError("onboarding.guard", "must be private, dm or off")
         if self["onboarding.nudge_interval_days"] <= 0:
             raise ConfigError("onboarding.nudge_interval_days", "must be positive")
+        if self["encryption.share_with"] not in ("all", "cross-signed"):
+            raise ConfigError("encryption.share_with", "must be all or cross-signed")
         if self["logging"].get("version") != 1:
             raise ConfigError("logging.version", "must be 1 (logging.config.dictConfig schema)")
 
@@ -278,6 +280,8 @@ class Config:
             "email.outbound.lifetime_hours",
             "email.outbound.rate_limit",
             "email.outbound.rate_window_seconds",
+            "email.hold.max_messages",
+            "email.hold.max_bytes",
         ):
             if self[key] <= 0:
                 raise ConfigError(key, f"must be positive, got {self[key]}")
