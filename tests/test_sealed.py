@@ -25,3 +25,22 @@ def test_wrong_key_purpose_or_tampering_is_refused(key: str, purpose: str, mangl
     sealed = mangle(seal("pickle", "recovery_key", "secret"))
     with pytest.raises(UnsealError):
         unseal(key, purpose, sealed)
+
+
+def test_bytes_round_trip_and_legacy_rows() -> None:
+    from bridge.crypto.sealed import is_sealed_bytes, seal_bytes, unseal_bytes
+
+    data = b"From: a@b\r\n\r\nsecret body \x00\xff" * 100
+    sealed = seal_bytes("k", "inbound-raw", data)
+    assert is_sealed_bytes(sealed) and b"secret body" not in sealed
+    assert unseal_bytes("k", "inbound-raw", sealed) == data
+    # A row written before sealing is plain mail text and reads back unchanged.
+    assert unseal_bytes("k", "inbound-raw", b"From: a@b\r\n\r\nold") == b"From: a@b\r\n\r\nold"
+    import pytest
+
+    from bridge.crypto.sealed import UnsealError
+
+    with pytest.raises(UnsealError):
+        unseal_bytes("other", "inbound-raw", sealed)
+    with pytest.raises(UnsealError):
+        unseal_bytes("k", "outbox-raw", sealed)
