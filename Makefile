@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Written after `npm ci` of the Element-stack test client (see below).
+ELEMENT_STAMP := tests/element/node_modules/.installed
 
 .PHONY: run test bench system-deps lint clean
 
@@ -21,8 +23,15 @@ run: $(VENV)/.installed-quickstart
 system-deps:
 	bash scripts/system-deps.sh
 
-test: $(VENV)/.installed-test system-deps
+test: $(VENV)/.installed-test system-deps $(ELEMENT_STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The Element-stack test client's npm packages, reinstalled only when the lockfile changes.
+# Without npm the stamp stays missing and those tests skip (tests/element_client.py says why).
+$(ELEMENT_STAMP): tests/element/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix tests/element --no-audit --no-fund && touch $@; \
+	else echo "npm not found: the Element-stack tests will be skipped"; fi
 
 # Performance is measured here, as ratios against a baseline in the same run; never in tests.
 bench: $(VENV)/.installed-test
