@@ -47,7 +47,7 @@ async def put(
 
 
 async def due_pairs(queue: InboundQueue) -> list[tuple[str, str]]:
-    return [(d.message_id, d.user_id) for d in await queue.due()]
+    return [(d.queue_id, d.user_id) for d in await queue.due()]
 
 
 async def count(db: Database, table: str, message_id: str) -> int:
@@ -115,8 +115,8 @@ async def test_due_returns_deliveries_in_arrival_order_with_their_message(
     second = await put(queue, ALICE, BOB)
     third = await put(queue, ALICE)
     due = await queue.due()
-    assert [d.message_id for d in due] == [first, second, second, third]
-    assert {d.user_id for d in due if d.message_id == second} == {ALICE, BOB}
+    assert [d.queue_id for d in due] == [first, second, second, third]
+    assert {d.user_id for d in due if d.queue_id == second} == {ALICE, BOB}
     head = due[0]
     assert (head.user_id, head.recipient, head.tag, head.attempts) == (
         CAROL,
@@ -130,7 +130,7 @@ async def test_due_returns_deliveries_in_arrival_order_with_their_message(
         AUTH,
         BOB_KEY,
     )
-    assert [d.message_id for d in await queue.due(limit=2)] == [first, second]
+    assert [d.queue_id for d in await queue.due(limit=2)] == [first, second]
 
 
 # Holding a conversation's mail in order -----------------------------------------------------
@@ -179,7 +179,7 @@ async def test_held_mail_comes_back_in_order_once_the_hold_expires(queue: Inboun
     assert await due_pairs(queue) == []
     await asyncio.sleep(0.4)
     due = await queue.due()
-    assert [(d.message_id, d.attempts) for d in due] == [(first, 1), (second, 0), (third, 0)]
+    assert [(d.queue_id, d.attempts) for d in due] == [(first, 1), (second, 0), (third, 0)]
 
 
 async def test_retry_later_keeps_only_the_first_1000_characters_of_the_error(
@@ -298,3 +298,56 @@ async def test_next_due_at_and_pending_count(queue: InboundQueue) -> None:
     await queue.finish(first, BOB, "failed", "gone")
     assert await queue.pending_count() == 0
     assert await queue.next_due_at() is None
+
+
+# Held mail: waiting for the reader's first device --------------------------------------------
+
+
+async def test_held_mail_waits_then_comes_back_in_order(db: Database, queue: InboundQueue) -> None:
+    first, second = await put(queue, ALICE), await put(queue, ALICE)
+    bobs = await put(queue, BOB)
+    assert await queue.hold_user(ALICE) == 2
+    # Held mail is neither due nor pending, and does not keep Bob's mail back.
+    assert await due_pairs(queue) == [(bobs, BOB)]
+    assert await queue.pending_count() == 1
+    assert await queue.held_users() == [ALICE]
+    # A held mail is not finished: the message (and its raw text) stays.
+    await queue.finish(bobs, BOB, "delivered")
+    assert await count(db, "inbound_message", first) == 1
+    assert await queue.release_user(ALICE) == 2
+    assert await due_pairs(queue) == [(first, ALICE), (second, ALICE)]
+    assert await queue.held_users() == []
+
+
+async def test_held_usage_counts_messages_and_bytes(queue: InboundQueue) -> None:
+    await put(queue, ALICE, raw=b"x" * 1000)
+    await put(queue, ALICE, raw=b"y" * 500)
+    await put(queue, BOB, raw=b"z" * 10)
+    assert await queue.held_usage(ALICE) == (0, 0)
+    await queue.hold_user(ALICE)
+    assert await queue.held_usage(ALICE) == (2, 1500)
+    assert await queue.held_usage(BOB) == (0, 0)
+
+
+async def test_raw_mail_is_sealed_at_rest(db: Database) -> None:
+    sealed_queue = InboundQueue(db, pickle_key="test-pickle-key")
+    secret = b"Subject: the secret plans\r\n\r\nmeet at dawn\r\n"
+    queue_id = await put(sealed_queue, ALICE, raw=secret)
+    stored = bytes(await db.fetchval("SELECT raw FROM inbound_message WHERE id=$1", queue_id))
+    assert b"secret plans" not in stored and b"dawn" not in stored
+    (due,) = await sealed_queue.due()
+    assert due.raw == secret
+    # A row from before sealing (plain text) is still delivered as it is.
+    legacy = await put(queue_without_key := InboundQueue(db), BOB, raw=b"Subject: old\r\n\r\nx")
+    assert queue_without_key is not None
+    assert {d.queue_id: d.raw for d in await sealed_queue.due()}[legacy] == b"Subject: old\r\n\r\nx"
+
+
+async def test_prune_failed_forgets_old_failures_only(db: Database, queue: InboundQueue) -> None:
+    old = await put(queue, ALICE)
+    await queue.finish(old, ALICE, "failed", "gone")
+    recent_cutoff = now_ms() - 3600_000
+    assert await queue.prune_failed(recent_cutoff) == 0
+    assert await count(db, "inbound_message", old) == 1
+    assert await queue.prune_failed(now_ms() + 1) == 1
+    assert await count(db, "inbound_message", old) == 0
