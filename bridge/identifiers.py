@@ -8,7 +8,14 @@ from dataclasses import dataclass
 # Characters a Matrix localpart may hold as they are (the spec's historical grammar minus the
 # escape characters themselves).
 _LOCALPART_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-./+")
-_MATRIX_LOCALPART = re.compile(r"^[a-z0-9._=/+-]+$")
+
+# The local part of a local user's mailbox, and the Matrix localpart behind it: the two are the
+# same string. Lower case only (mail to ``Alice@`` reaches the mailbox of ``@alice``), no "+"
+# (it separates the +tag), a dot-atom (no leading, trailing or double dot), at most 64
+# characters (RFC 5321 section 4.5.3.1.1). A Matrix ID outside this grammar has no mailbox: it
+# can neither receive nor send, so no address can ever stand for two users.
+_MAILBOX_LOCALPART = re.compile(r"[a-z0-9_=/-]+(?:\.[a-z0-9_=/-]+)*")
+MAX_MAILBOX_LOCALPART = 64
 
 
 def encode_localpart(value: str) -> str:
@@ -50,14 +57,46 @@ class Mailbox:
     localpart: str
     tag: str
 
+    def user_id(self, homeserver_domain: str) -> str:
+        return f"@{self.localpart}:{homeserver_domain}"
+
 
 def parse_local_mailbox(local_part: str) -> Mailbox | None:
-    """``Alice+news`` → Mailbox("alice", "news"); None when no Matrix localpart can match."""
+    """``Alice+news`` → Mailbox("alice", "news"): the localpart of the user an address's local
+    part delivers to, and its +tag. None when it is no user's mailbox. The inverse of
+    `local_mailbox_address`: the one definition both directions use."""
     base, _, tag = local_part.partition("+")
     base = base.lower()
-    if not base or not _MATRIX_LOCALPART.match(base):
+    if len(base) > MAX_MAILBOX_LOCALPART or not _MAILBOX_LOCALPART.fullmatch(base):
         return None
     return Mailbox(base, tag)
+
+
+def local_mailbox_address(user_id: str, homeserver_domain: str, email_domain: str) -> str | None:
+    """The mailbox address of a local user: ``@alice:hs`` → ``alice@<email_domain>``. None when
+    the user has none: a user of another server (their localpart would be a local user's
+    mailbox), or a localpart that `parse_local_mailbox` would read as someone else's (a "+",
+    upper case, characters or dots a dot-atom cannot carry)."""
+    if not user_id.startswith("@"):
+        return None
+    localpart, _, server = user_id[1:].partition(":")
+    if server != homeserver_domain or parse_local_mailbox(localpart) != Mailbox(localpart, ""):
+        return None
+    return f"{localpart}@{email_domain.lower()}"
+
+
+def mailbox_refusal(user_id: str, homeserver_domain: str) -> str:
+    """Why `local_mailbox_address` has no address for user_id, in words for its owner."""
+    localpart, _, server = user_id.removeprefix("@").partition(":")
+    if server != homeserver_domain:
+        return f"{user_id} is not an account of {homeserver_domain}"
+    if "+" in localpart:
+        return f"the “+” in {user_id} separates a tag in email addresses"
+    if localpart != localpart.lower():
+        return f"email addresses do not tell upper from lower case, as {user_id} does"
+    if len(localpart) > MAX_MAILBOX_LOCALPART:
+        return f"{user_id} is longer than an email address may be"
+    return f"{user_id} has characters or dots an email address cannot carry"
 
 
 def decode_localpart(localpart: str) -> str | None:

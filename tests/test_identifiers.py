@@ -3,6 +3,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bridge.identifiers import (
     Mailbox,
@@ -103,3 +105,75 @@ def test_is_ghost_follows_the_registered_namespace(user_id: str, ours: bool) -> 
 
     assert is_ghost("_email_{address}", user_id, "localhost") is ours
     assert bool(re.match(user_regex("_email_{address}", "localhost"), user_id)) is ours
+
+
+# The mailbox of a local user: one definition, both directions (issue 9 item 4).
+
+@pytest.mark.parametrize(
+    ("user_id", "address"),
+    [
+        ("@alice:localhost", "alice@mail.example"),
+        ("@first.last:localhost", "first.last@mail.example"),
+        ("@a_b=c/d-e:localhost", "a_b=c/d-e@mail.example"),
+        # Spec 1.8 allows "+" in new IDs, but "alice+x@" is alice's mailbox with the tag "x".
+        ("@alice+x:localhost", None),
+        ("@Alice:localhost", None),  # historical upper case: "Alice@" is @alice's mailbox
+        ("@.alice:localhost", None),
+        ("@alice.:localhost", None),
+        ("@al..ice:localhost", None),
+        ("@" + "a" * 65 + ":localhost", None),
+        ("@alice:elsewhere.example", None),  # a remote user is not our alice
+        ("@alice:localhost:8448", None),
+        ("alice:localhost", None),
+    ],
+)
+def test_local_mailbox_address(user_id: str, address: str | None) -> None:
+    from bridge.identifiers import local_mailbox_address, mailbox_refusal
+
+    assert local_mailbox_address(user_id, "localhost", "Mail.Example") == address
+    if address is None:
+        assert user_id in mailbox_refusal(user_id, "localhost")
+
+
+def test_plus_in_a_matrix_id_never_sends_as_someone_else() -> None:
+    from bridge.identifiers import local_mailbox_address
+
+    # What outgoing.py did before: the localpart as it is, so @alice+x sent as alice+x@, which
+    # delivers to @alice.
+    assert parse_local_mailbox("alice+x") == Mailbox("alice", "x")
+    assert local_mailbox_address("@alice+x:localhost", "localhost", "localhost") is None
+
+
+_LOCALPART_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789._=-/+ABCXYZ"
+
+
+@given(st.text(alphabet=_LOCALPART_CHARS, min_size=1, max_size=70), st.text(max_size=10))
+def test_mailbox_address_and_parse_are_inverse(localpart: str, tag: str) -> None:
+    from bridge.identifiers import local_mailbox_address
+
+    address = local_mailbox_address(f"@{localpart}:hs", "hs", "mail.example")
+    if address is None:
+        return
+    local, _, domain = address.rpartition("@")
+    assert domain == "mail.example"
+    # The address (in any case, with any tag) delivers to this user and nobody else.
+    assert parse_local_mailbox(local) == Mailbox(localpart, "")
+    assert parse_local_mailbox(local.upper()) == Mailbox(localpart, "")
+    assert parse_local_mailbox(f"{local}+{tag}") == Mailbox(localpart, tag)
+    assert Mailbox(localpart, "").user_id("hs") == f"@{localpart}:hs"
+    # And it is a plain address the composer accepts.
+    from bridge.formatter.to_email import check_address
+
+    assert check_address(address) == address
+
+
+@given(st.text(alphabet=_LOCALPART_CHARS, min_size=1, max_size=70))
+def test_every_mailbox_belongs_to_a_user_who_sends_from_it(local: str) -> None:
+    from bridge.identifiers import local_mailbox_address
+
+    mailbox = parse_local_mailbox(local)
+    if mailbox is None:
+        return
+    user_id = mailbox.user_id("hs")
+    address = local_mailbox_address(user_id, "hs", "mail.example")
+    assert address == f"{mailbox.localpart}@mail.example"
