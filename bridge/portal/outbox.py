@@ -1,13 +1,22 @@
-"""The outbox: mail written in Matrix waits here until the outbound worker has sent it."""
+"""The outbox: mail written in Matrix waits here until the outbound worker has sent it.
+
+The composed mail (`raw`) is sealed with the pickle key while it waits, so a copy of the database
+alone does not reveal what users wrote; it is cleared once the mail is sent, failed or withdrawn.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 from mautrix.util.async_db import Database
 
+from ..crypto.sealed import UnsealError, is_sealed_bytes, seal_bytes, unseal_bytes
 from ..worker import now_ms
+
+SEAL_PURPOSE = "outbox"
+FINISHED = ("sent", "failed", "cancelled")
 
 
 @dataclass
@@ -24,9 +33,35 @@ class OutboxRow:
     created_at: int
 
 
+@dataclass(frozen=True)
+class SentRecently:
+    """One mail counted by the sending rate limit: when it was queued, to how many people."""
+
+    created_at: int
+    recipients: int
+
+
 class Outbox:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, pickle_key: str | None = None) -> None:
         self.db = db
+        # None only until app.py passes encryption.pickle_key: new rows are then stored unsealed.
+        self.pickle_key = pickle_key
+        self.log = logging.getLogger("bridge.portal.outbox")
+        if pickle_key is None:
+            self.log.warning("Outbox without a pickle key: queued mail is stored unsealed")
+
+    def _seal(self, raw: bytes) -> bytes:
+        if self.pickle_key is None:
+            return raw
+        return seal_bytes(self.pickle_key, SEAL_PURPOSE, raw)
+
+    def _unseal(self, blob: bytes) -> bytes:
+        # Rows queued before sealing existed are plain RFC 5322 text: unseal_bytes passes them.
+        if self.pickle_key is None:
+            if is_sealed_bytes(blob):
+                raise UnsealError("sealed, and this outbox has no pickle key")
+            return bytes(blob)
+        return unseal_bytes(self.pickle_key, SEAL_PURPOSE, blob)
 
     async def add(
         self,
@@ -54,7 +89,7 @@ class Outbox:
             message_id,
             mail_from,
             json.dumps(recipients),
-            raw,
+            self._seal(raw),
             now,
         )
         return result is not None
@@ -66,15 +101,41 @@ class Outbox:
         )
         return (row["state"], row["message_id"]) if row else None
 
-    async def sent_since(self, owner: str, since_ms: int) -> list[int]:
-        """Creation times of the owner's mails since a moment (for the sending rate limit)."""
+    async def sent_since(self, owner: str, since_ms: int) -> list[SentRecently]:
+        """The owner's mails since a moment, oldest first, with their number of recipients: the
+        rate limit counts people mailed, so one mail to 50 weighs as much as 50 mails."""
         rows = await self.db.fetch(
-            "SELECT created_at FROM outbox WHERE owner=$1 AND created_at >= $2 "
+            "SELECT created_at, recipients FROM outbox WHERE owner=$1 AND created_at >= $2 "
             "AND state != 'cancelled' ORDER BY created_at",
             owner,
             since_ms,
         )
-        return [r["created_at"] for r in rows]
+        return [SentRecently(r["created_at"], len(json.loads(r["recipients"]))) for r in rows]
+
+    async def knows_message_id(self, message_id: str) -> bool:
+        """Whether the bridge generated this Message-ID for a mail it queued (with or without
+        the <>): mail that comes back with it is our own, looping."""
+        value = message_id.strip().removeprefix("<").removesuffix(">")
+        if not value:
+            return False
+        found = await self.db.fetchval(
+            "SELECT 1 FROM outbox WHERE message_id=$1 LIMIT 1", value
+        )
+        return found is not None
+
+    async def prune(self, older_than_ms: int) -> int:
+        """Delete finished rows (sent, failed, cancelled) queued more than older_than_ms ago;
+        the number deleted. Pending and in-flight mail always stays. Keep older_than_ms above
+        the rate window (rows count for the rate limit) and the appservice transaction
+        retention (a row is what stops a replayed event from being mailed twice)."""
+        cutoff = now_ms() - older_than_ms
+        deleted = await self.db.fetch(
+            "DELETE FROM outbox WHERE created_at < $1 AND state IN ($2, $3, $4) "
+            "RETURNING event_id",
+            cutoff,
+            *FINISHED,
+        )
+        return len(deleted)
 
     async def due(self, limit: int = 20) -> list[OutboxRow]:
         rows = await self.db.fetch(
@@ -83,21 +144,30 @@ class Outbox:
             now_ms(),
             limit,
         )
-        return [
-            OutboxRow(
-                event_id=r["event_id"],
-                room_id=r["room_id"],
-                owner=r["owner"],
-                thread_root=r["thread_root"],
-                message_id=r["message_id"],
-                mail_from=r["mail_from"],
-                recipients=json.loads(r["recipients"]),
-                raw=bytes(r["raw"]),
-                attempts=r["attempts"],
-                created_at=r["created_at"],
+        due = []
+        for r in rows:
+            try:
+                raw = self._unseal(r["raw"])
+            except UnsealError:
+                # Sealed under another pickle key: it can never be read, so retrying is useless.
+                self.log.error("Queued mail %s cannot be unsealed; giving up", r["event_id"])
+                await self.finish(r["event_id"], "failed", "cannot unseal: pickle key changed")
+                continue
+            due.append(
+                OutboxRow(
+                    event_id=r["event_id"],
+                    room_id=r["room_id"],
+                    owner=r["owner"],
+                    thread_root=r["thread_root"],
+                    message_id=r["message_id"],
+                    mail_from=r["mail_from"],
+                    recipients=json.loads(r["recipients"]),
+                    raw=raw,
+                    attempts=r["attempts"],
+                    created_at=r["created_at"],
+                )
             )
-            for r in rows
-        ]
+        return due
 
     async def next_due_at(self) -> int | None:
         return await self.db.fetchval(
