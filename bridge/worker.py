@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 
 # Even with nothing scheduled, look again this often (a row may have come from elsewhere).
 IDLE_POLL_SECONDS = 30.0
+# When the database cannot say when work is due (it is down), look again this soon.
+ERROR_RETRY_SECONDS = 5.0
 
 
 def now_ms() -> int:
@@ -23,7 +25,12 @@ def backoff_ms(attempts: int, cap_ms: int) -> int:
 
 
 class DueWorker:
-    """Runs `work_round` until it reports no work, then sleeps until `next_due_at` or `wake()`."""
+    """Runs `work_round` until it reports no work, then sleeps until `next_due_at` or `wake()`.
+
+    Neither step may end the loop: a worker that dies leaves accepted mail undelivered. And a
+    `wake()` that comes while a round or `next_due_at` runs is kept, not slept through: the
+    flag is cleared before the round looks for work, never after.
+    """
 
     def __init__(
         self,
@@ -51,6 +58,9 @@ class DueWorker:
 
     async def _run(self) -> None:
         while True:
+            # From here on a wake() is remembered: the round below may already be past the
+            # row that caused it.
+            self._wake.clear()
             try:
                 worked = await self._work_round()
             except Exception:
@@ -60,10 +70,19 @@ class DueWorker:
                 await self._sleep_until_due()
 
     async def _sleep_until_due(self) -> None:
-        next_due = await self._next_due_at()
+        await self._sleep(await self._seconds_until_due())
+
+    async def _seconds_until_due(self) -> float:
+        try:
+            next_due = await self._next_due_at()
+        except Exception:
+            self.log.exception("Could not read when work is due; trying again soon")
+            return ERROR_RETRY_SECONDS
         timeout = IDLE_POLL_SECONDS
         if next_due is not None:
             timeout = min(timeout, max(0.0, (next_due - now_ms()) / 1000))
-        self._wake.clear()
+        return timeout
+
+    async def _sleep(self, timeout: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
