@@ -140,6 +140,7 @@ class Cloakroom:
             db=self.db,
             state_store=state_store,
             client_session=self.az.http_session,
+            share_with=cfg["encryption.share_with"],
         )
         # Transactions carry crypto traffic for the bot and every ghost: route it by user.
         self.az.otk_handler = self.identities.handle_otk_counts
@@ -257,6 +258,18 @@ class Cloakroom:
         self.handler.onboarding = onboarding
         self.handler.bot.onboarding = onboarding  # read by the `checkup` command
         self.inbound.worker.on_delivered = onboarding.seen
+        # Mail (and the welcome) for someone without a device waits for their first one: a
+        # device list change or a join of theirs is the moment to look again.
+        holds = self.inbound.worker.holds
+
+        async def devices_changed(users: list[str]) -> None:
+            holds.hint(users)
+
+        async def user_joined(user_id: str, room_id: str) -> None:
+            holds.hint([user_id])
+
+        self.identities.on_devices_changed = devices_changed
+        self.handler.on_user_joined = user_joined
         crypto_device_lists = self.az.device_list_handler
 
         async def device_lists(lists: DeviceLists) -> None:

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from .account import CryptoAccount, CryptoSetupError
 from .identities import Identities
-from .sender import EncryptedSender, PlaintextRefused
+from .sender import EncryptedSender, NoReadableDevice, PlaintextRefused
 
-__all__ = ["CryptoAccount", "CryptoSetupError", "EncryptedSender", "Identities", "PlaintextRefused"]
+__all__ = [
+    "CryptoAccount",
+    "CryptoSetupError",
+    "EncryptedSender",
+    "Identities",
+    "NoReadableDevice",
+    "PlaintextRefused",
+]

@@ -6,12 +6,13 @@ fed from appservice transactions (to-device events, one-time key counts, device 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import string
 
 import olm
-from aiohttp import ClientSession
+from aiohttp import ClientError, ClientSession
 from mautrix.client import Client
 from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.crypto import OlmMachine, PgCryptoStore
@@ -28,6 +29,10 @@ from mautrix.util.async_db import Database
 
 from ..db import BridgeState
 from .sealed import seal
+
+# A transient failure to read our own cross-signing keys is retried this often before start-up
+# gives up (never by replacing the keys).
+CROSS_SIGNING_QUERY_ATTEMPTS = 4
 
 
 class CryptoSetupError(Exception):
@@ -124,8 +129,21 @@ class CryptoAccount:
     async def _ensure_cross_signed(self) -> None:
         # Ask the server, as a client would: the local trust cache only knows our signatures
         # if something happened to fetch our own keys, and a miss here would replace the
-        # identity everyone has verified.
-        if await self.is_cross_signed_on_server():
+        # identity everyone has verified. So only a definite answer may lead to new keys: a
+        # homeserver that cannot answer right now stops start-up (and it is retried).
+        for attempt in range(CROSS_SIGNING_QUERY_ATTEMPTS):
+            try:
+                signed = await self._cross_signed_on_server()
+                break
+            except (MatrixError, ClientError, OSError, TimeoutError) as e:
+                if attempt + 1 == CROSS_SIGNING_QUERY_ATTEMPTS:
+                    raise CryptoSetupError(
+                        f"cannot ask the homeserver for the cross-signing keys of "
+                        f"{self.user_id} ({e}); not replacing them. Try again when it answers"
+                    ) from None
+                self.log.warning("Querying our cross-signing keys failed (%s); retrying", e)
+                await asyncio.sleep(2**attempt)
+        if signed:
             return
         # Publishes master, self-signing and user-signing keys (stored in SSSS under the
         # recovery key) and signs our device, so clients show it as verified by its owner.
@@ -139,12 +157,18 @@ class CryptoAccount:
         self.log.info("Published cross-signing keys and signed device %s", self.device_id)
 
     async def is_cross_signed_on_server(self) -> bool:
-        """Check, as a client would from /keys/query, that our device is signed by our identity."""
+        """Check, as a client would from /keys/query, that our device is signed by our identity.
+
+        For display (`status`): an unanswered query counts as "no"."""
         try:
-            resp = await self.client.query_keys([self.user_id])
-        except MatrixError:
+            return await self._cross_signed_on_server()
+        except (MatrixError, ClientError, OSError, TimeoutError):
             self.log.exception("Failed to query own keys")
             return False
+
+    async def _cross_signed_on_server(self) -> bool:
+        """The homeserver's definite answer; raises when there is none."""
+        resp = await self.client.query_keys([self.user_id])
         device = resp.device_keys.get(self.user_id, {}).get(self.device_id)
         master = resp.master_keys.get(self.user_id)
         self_signing = resp.self_signing_keys.get(self.user_id)

@@ -13,13 +13,21 @@ them; they are routed here by user ID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import ClientSession
 from mautrix.client.state_store.asyncpg import PgStateStore
-from mautrix.types import ASToDeviceEvent, DeviceID, DeviceLists, DeviceOTKCount, UserID
+from mautrix.types import (
+    ASToDeviceEvent,
+    DeviceID,
+    DeviceLists,
+    DeviceOTKCount,
+    TrustState,
+    UserID,
+)
 from mautrix.util.async_db import Database
 
 from ..db import BridgeState
@@ -27,6 +35,11 @@ from .account import CryptoAccount
 
 # Loaded ghost identities kept in memory; the rest stay in the database until needed.
 MAX_LOADED = 256
+
+# encryption.share_with → the least trust a reader's device needs to be given room keys.
+# "cross-signed" is Element's "exclude insecure devices" (MSC4153): signed by its owner's
+# self-signing key, whether or not we have verified the owner.
+MIN_TRUST = {"all": TrustState.UNVERIFIED, "cross-signed": TrustState.CROSS_SIGNED_UNTRUSTED}
 
 
 class Identities:
@@ -42,9 +55,16 @@ class Identities:
         state_store: PgStateStore,
         client_session: ClientSession | None = None,
         max_loaded: int = MAX_LOADED,
+        share_with: str = "all",
     ) -> None:
         self.bot = bot
         self.is_ghost = is_ghost
+        self.state_store = state_store
+        self.min_trust = MIN_TRUST[share_with]
+        bot.machine.send_keys_min_trust = self.min_trust
+        # Told which users' devices changed (after every identity has been told): held mail and
+        # the welcome wait for a reader's first device.
+        self.on_devices_changed: Callable[[list[str]], Awaitable[None]] | None = None
         self._args = dict(
             homeserver=homeserver,
             as_token=as_token,
@@ -58,6 +78,9 @@ class Identities:
         self.db = db
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, CryptoAccount] = OrderedDict()
+        # Identities being used right now are never evicted: a second copy loaded meanwhile
+        # would hold its own in-memory Olm sessions, and the two would fork the ratchets.
+        self._in_use: Counter[str] = Counter()
         self._locks: dict[str, asyncio.Lock] = {}
         self.log = logging.getLogger("bridge.crypto.identities")
 
@@ -78,15 +101,31 @@ class Identities:
             if account is None:
                 account = CryptoAccount(user_id=UserID(user_id), **self._args)
                 await account.start()
+                account.machine.send_keys_min_trust = self.min_trust
                 self._loaded[user_id] = account
                 await self._evict()
         self._locks.pop(user_id, None)
         return account
 
+    @contextlib.asynccontextmanager
+    async def using(self, user_id: str) -> AsyncIterator[CryptoAccount]:
+        """The identity of user_id, kept loaded while the caller works with it."""
+        account = await self.for_user(user_id)
+        self._in_use[account.user_id] += 1
+        try:
+            yield account
+        finally:
+            self._in_use[account.user_id] -= 1
+            if self._in_use[account.user_id] <= 0:
+                del self._in_use[account.user_id]
+
     async def _evict(self) -> None:
-        while len(self._loaded) > self.max_loaded:
-            _, oldest = self._loaded.popitem(last=False)
-            await oldest.close()
+        for user_id in list(self._loaded):
+            if len(self._loaded) <= self.max_loaded:
+                return
+            if self._in_use[user_id] > 0:
+                continue
+            await self._loaded.pop(user_id).close()
 
     async def _existing(self, user_id: str) -> CryptoAccount | None:
         """A ghost's identity if it has one; never creates one just because a message came."""
@@ -103,7 +142,8 @@ class Identities:
         if account is None or evt.to_device_id != account.device_id:
             self.log.debug("To-device event for unknown %s/%s", evt.to_user_id, evt.to_device_id)
             return
-        await account.machine.handle_as_to_device_event(evt)
+        async with self.using(account.user_id) as account:
+            await account.machine.handle_as_to_device_event(evt)
 
     async def handle_otk_counts(
         self, otk_counts: dict[UserID, dict[DeviceID, DeviceOTKCount]]
@@ -124,8 +164,37 @@ class Identities:
                 await account.machine.handle_otk_count(count)
 
     async def handle_device_lists(self, device_lists: DeviceLists) -> None:
-        # The device cache is shared by all accounts in the store: one refresh serves them all.
-        await self.bot.machine.handle_as_device_lists(device_lists)
+        """A reader's devices changed: every identity's next message must reach the new set.
+
+        The device cache is shared by all accounts in the store, so one refresh (through the
+        bot's machine) serves them all. But each identity (the bot and every ghost, loaded or
+        not) has its own outbound Megolm session per room, shared with the devices it saw
+        then: mautrix only rotates the refreshing machine's own. So every identity's session
+        in the rooms shared with a changed user is dropped here, in the database, and the next
+        message starts a fresh one, shared with the devices known at that moment (a new device
+        gets a new session: that is what Element accepts without key forwarding). Any change
+        counts, including new signatures: with share_with: cross-signed, a device its owner
+        has just verified must get the next message.
+        """
+        changed = [u for u in device_lists.changed if not self._is_ours(u)]
+        if not changed:
+            return
+        try:
+            async with self.bot.machine._fetch_keys_lock:
+                await self.bot.machine._fetch_keys(changed, include_untracked=False)
+        except Exception:
+            self.log.exception("Refreshing the devices of %d user(s) failed", len(changed))
+        for user_id in changed:
+            for room_id in await self.state_store.find_shared_rooms(UserID(user_id)):
+                await self.forget_outbound_sessions(room_id)
+        if self.on_devices_changed:
+            try:
+                await self.on_devices_changed(changed)
+            except Exception:
+                self.log.exception("Device change hook failed")
+
+    def _is_ours(self, user_id: str) -> bool:
+        return user_id == self.bot.user_id or self.is_ghost(user_id)
 
     async def forget_outbound_sessions(self, room_id: str) -> None:
         """Membership changed: every identity starts a new Megolm session in this room."""

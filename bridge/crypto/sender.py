@@ -13,6 +13,7 @@ from typing import Any
 
 from mautrix.appservice import IntentAPI
 from mautrix.client.state_store.asyncpg import PgStateStore
+from mautrix.crypto import OlmMachine
 from mautrix.errors import EncryptionError, MNotFound, SessionNotFound
 from mautrix.types import (
     EncryptedEvent,
@@ -23,6 +24,8 @@ from mautrix.types import (
     RoomID,
     Serializable,
     StateEvent,
+    TrustState,
+    UserID,
 )
 
 from .identities import Identities
@@ -30,6 +33,8 @@ from .identities import Identities
 # How long to wait for a Megolm session that the sender's to-device message has not delivered
 # yet; in appservice mode it arrives in a later transaction, usually within a second.
 SESSION_WAIT_SECONDS = 10
+# /keys/query asks about this many users at once at most.
+KEYS_QUERY_BATCH = 100
 
 
 class EncryptedSender:
@@ -91,33 +96,89 @@ class EncryptedSender:
         event_type: EventType,
         content: Serializable | dict[str, Any],
     ) -> Serializable:
-        account = await self.identities.for_user(sender)
-        # One encryption at a time per sender and room: two concurrent ones could load the same
-        # stored outbound session and emit two messages with the same Megolm index.
-        lock = self._encrypt_locks.setdefault((account.user_id, room_id), asyncio.Lock())
-        async with lock:
-            machine = account.machine
-            try:
-                return await machine.encrypt_megolm_event(room_id, event_type, content)
-            except EncryptionError:
-                # No outbound session yet, or it was rotated by a membership change. Invited
-                # members too: a mail may arrive before its reader has joined. Our own users
-                # (bot, ghosts) never need to read what we send.
-                members = await self.state_store.get_members(
-                    room_id, memberships=(Membership.JOIN, Membership.INVITE)
-                )
-                readers = [m for m in members if not self.is_ours(m)]
-                await machine.share_group_session(room_id, readers)
-                return await machine.encrypt_megolm_event(room_id, event_type, content)
+        async with self.identities.using(sender) as account:
+            # One encryption at a time per sender and room: two concurrent ones could load the
+            # same stored outbound session and emit two messages with the same Megolm index.
+            lock = self._encrypt_locks.setdefault((account.user_id, room_id), asyncio.Lock())
+            async with lock:
+                machine = account.machine
+                try:
+                    return await machine.encrypt_megolm_event(room_id, event_type, content)
+                except EncryptionError:
+                    await self._share_new_session(machine, room_id)
+                    return await machine.encrypt_megolm_event(room_id, event_type, content)
 
-    async def decrypt(self, evt: EncryptedEvent) -> MessageEvent:
+    async def _share_new_session(self, machine: OlmMachine, room_id: RoomID) -> None:
+        """Start a Megolm session for the room's readers, as their devices are right now.
+
+        Invited members count: a mail may arrive before its reader has joined. Our own users
+        (bot, ghosts) never need to read what we send. The readers' devices are asked from the
+        homeserver first rather than taken from the cache, so an identity that was not loaded
+        when a device appeared still reaches it. And a session is never shared with nobody: a
+        message nobody can decrypt now stays unreadable forever, even for a first device
+        that appears later, so the caller is told to wait instead.
+        """
+        members = await self.state_store.get_members(
+            room_id, memberships=(Membership.JOIN, Membership.INVITE)
+        )
+        readers = [UserID(m) for m in members if not self.is_ours(m)]
+        await self.refresh_devices(readers)
+        if not await self.readable(readers, refresh=False):
+            raise NoReadableDevice(room_id, readers)
+        await machine.share_group_session(room_id, readers)
+
+    # Who can read --------------------------------------------------------------------------
+
+    async def refresh_devices(self, users: list[UserID]) -> None:
+        """Ask the homeserver for these users' devices (and cross-signing keys) now."""
+        machine = self.identities.bot.machine
+        for start in range(0, len(users), KEYS_QUERY_BATCH):
+            async with machine._fetch_keys_lock:
+                await machine._fetch_keys(
+                    users[start : start + KEYS_QUERY_BATCH], include_untracked=True
+                )
+
+    async def readable(self, users: list[UserID], *, refresh: bool = True) -> set[UserID]:
+        """Those of users with at least one device that would be given the room keys."""
+        if refresh:
+            await self.refresh_devices(users)
+        machine = self.identities.bot.machine
+        minimum = self.identities.min_trust
+        found: set[UserID] = set()
+        for user_id in users:
+            for device in ((await machine.crypto_store.get_devices(user_id)) or {}).values():
+                if minimum <= TrustState.UNVERIFIED:
+                    # share_with: all: any device not blacklisted, without cross-signing reads.
+                    trust = device.trust
+                else:
+                    trust = await machine.resolve_trust(device)
+                if trust != TrustState.BLACKLISTED and trust >= minimum:
+                    found.add(user_id)
+                    break
+        return found
+
+    async def can_read(self, user_id: str) -> bool:
+        """Whether what we post now would reach a device of user_id.
+
+        The cache is trusted when it already lists a device (it follows device list changes
+        of everyone sharing a room with us); otherwise the homeserver is asked, since a user
+        who shares no room with us yet — mail before their first login — is never reported.
+        """
+        user = UserID(user_id)
+        cached = await self.identities.bot.machine.crypto_store.get_devices(user)
+        return user in await self.readable([user], refresh=not cached)
+
+    async def decrypt(
+        self, evt: EncryptedEvent, wait: float = SESSION_WAIT_SECONDS
+    ) -> MessageEvent:
+        """Decrypt with the bot's identity; wait up to ``wait`` s for a session still coming."""
         try:
             return await self.machine.decrypt_megolm_event(evt)
         except SessionNotFound as e:
+            if wait <= 0:
+                raise
             self.log.debug("Waiting for session %s to decrypt %s", e.session_id, evt.event_id)
-            if not await self.machine.wait_for_session(
-                evt.room_id, e.session_id, timeout=SESSION_WAIT_SECONDS
-            ):
+            if not await self.machine.wait_for_session(evt.room_id, e.session_id, timeout=wait):
                 raise
             return await self.machine.decrypt_megolm_event(evt)
 
@@ -131,6 +192,16 @@ class EncryptedSender:
         if prev == cur or (prev, cur) in harmless or self.is_ours(evt.state_key):
             return
         await self.identities.forget_outbound_sessions(evt.room_id)
+
+
+class NoReadableDevice(Exception):
+    """Nobody who should read this room has a device that could decrypt it yet."""
+
+    def __init__(self, room_id: RoomID | None, users: list[UserID]) -> None:
+        who = ", ".join(users) or "nobody"
+        super().__init__(f"no device of {who} can decrypt yet; not encrypting to nobody")
+        self.room_id = room_id
+        self.users = users
 
 
 class PlaintextRefused(Exception):

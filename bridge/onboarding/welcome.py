@@ -117,6 +117,13 @@ class Onboarding:
             # They opted out before we got to them; the welcome is unsolicited too.
             await self.users.set_welcomed(user_id, row.known_devices)
             return
+        if not await self.sender.can_read(user_id):
+            # No device could decrypt a welcome yet (mail came before their first login):
+            # forgotten, so their first device (a device list change, their held mail being
+            # released, or any event of theirs) brings it, encrypted to that device.
+            self._greeted.discard(user_id)
+            self.log.info("Not welcoming %s yet: no device that could read it", user_id)
+            return
         report = await self.checkup.report(user_id)
         # A DM created by an earlier attempt that failed before the message is reused.
         room_id = RoomID(row.dm_room_id) if row and row.dm_room_id else None
@@ -166,6 +173,7 @@ class Onboarding:
         """Device list changes from a transaction (MSC3202): look for unverified new sessions."""
         for user_id in lists.changed or []:
             if self.eligible(user_id):
+                await self.seen(user_id)  # a first device may be what a held welcome waits for
                 self._spawn(self._check_devices(user_id))
 
     async def _check_devices(self, user_id: str) -> None:

@@ -22,16 +22,21 @@ from mautrix.types import (
     EventType,
     RoomEncryptionStateEventContent,
     RoomID,
+    UserID,
 )
 from mautrix.util.async_db import Database
 
-from ..crypto import EncryptedSender
+from ..crypto import EncryptedSender, NoReadableDevice
 from ..formatter import Address, ParsedMail, describe, parse_dsn, parse_mail, render_message
 from ..identifiers import normalize_address
 from .ghosts import Ghosts
 from .media import upload_encrypted
 from .rooms import create_portal_room, ensure_member
 from .store import MailMessageRow, MessageMap, PortalRow, PortalStore
+
+# A group mail seats at most this many correspondents' ghosts in its room (each is a Matrix
+# user with its own device and identity); the others are named in the text.
+MAX_SEATED = 20
 
 
 @dataclass
@@ -108,7 +113,7 @@ class PortalManager:
         self, room_id: RoomID, text: str, reply_to: str | None, thread_root: str | None = None
     ) -> None:
         """A notice from the bot, in the thread of (and replying to) the event it is about."""
-        content: dict[str, Any] = {"msgtype": "m.notice", "body": text}
+        content: dict[str, Any] = {"msgtype": "m.notice", "body": text, "m.mentions": {}}
         if reply_to:
             if thread_root is None:
                 known = await self.messages.by_event(room_id, reply_to)
@@ -121,24 +126,42 @@ class PortalManager:
         await self.sender.send(self.bot, room_id, content)
 
     async def deliver(self, job: MailJob) -> None:
-        """Post a mail into its portal. Raises on failure; the caller retries (idempotently)."""
+        """Post a mail into its portal. Raises on failure; the caller retries (idempotently).
+
+        Raises :class:`NoReadableDevice` when the owner has no device that could decrypt it
+        yet: the room exists and the invite is out by then, but nothing is posted, since a
+        message encrypted to nobody could never be read, not even by their first device.
+        """
         if await self._deliver_report(job):
             return
-        mail = parse_mail(job.raw, collapse_quotes=self.collapse_quotes)
+        # Parsing is CPU work that grows with the mail: off the event loop, so one large or
+        # nasty mail never stalls SMTP, transactions or anyone else's delivery.
+        mail = await asyncio.to_thread(parse_mail, job.raw, collapse_quotes=self.collapse_quotes)
         conv = self._conversation(mail, job)
         portal = await self._portal_for(job, mail, conv)
         room_id = await self.ensure_room(portal)
-        await self.ensure_encrypted(room_id)
         author = self._author(mail, job)
         if portal.kind == "group":
-            # Everyone on the mail is in the conversation, so everyone is in the room.
-            for person in conv.participants:
-                if person.address != author.address:
-                    ghost = await self.ghosts.intent(person.address, person.name)
-                    await ensure_member(ghost, self.bot, room_id)
+            # Everyone on the mail is in the conversation, so everyone is in the room (up to
+            # MAX_SEATED of them; the text names the rest).
+            for person in self._seated(conv, author):
+                ghost = await self.ghosts.intent(person.address, person.name)
+                await ensure_member(ghost, self.bot, room_id)
         intent = await self.ghosts.intent(author.address, author.name)
         await ensure_member(intent, self.bot, room_id)
+        if not await self.sender.can_read(job.owner):
+            raise NoReadableDevice(room_id, [job.owner])
+        await self.ensure_encrypted(room_id)
         await self._post(job, mail, room_id, intent)
+
+    async def readable(self, user_ids: list[str]) -> set[str]:
+        """Which of these users now have a device that can read what the bridge posts."""
+        return set(await self.sender.readable([UserID(u) for u in user_ids]))
+
+    @staticmethod
+    def _seated(conv: Conversation, author: Address) -> list[Address]:
+        others = [p for p in conv.participants if p.address != author.address]
+        return others[:MAX_SEATED]
 
     async def _deliver_report(self, job: MailJob) -> bool:
         """A bounce about mail we sent becomes a notice in its thread, not a mail in the room."""
@@ -182,11 +205,14 @@ class PortalManager:
         return Conversation("group", "group:" + ",".join(addresses), name, externals)
 
     async def _portal_for(self, job: MailJob, mail: ParsedMail, conv: Conversation) -> PortalRow:
-        # A reply stays in the room of the message it answers, even if the Cc list changed.
+        # A reply stays in the room of the message it answers, even if the Cc list changed —
+        # but only when its author is already in that conversation. Message-IDs are not
+        # secrets (lists and Cc'd mail spread them), so quoting one must not let a stranger
+        # post into someone else's room.
         room_id = await self.messages.rooms_knowing(job.owner, _thread_refs(mail))
         if room_id:
             portal = await self.portals.by_room(room_id)
-            if portal:
+            if portal and self._takes_part(portal, mail, job):
                 return portal
         existing = await self.portals.by_key(job.owner, conv.key)
         if existing:
@@ -194,6 +220,12 @@ class PortalManager:
         return await self.portals.get_or_create(
             job.owner, conv.key, conv.kind, conv.name, [a.address for a in conv.participants]
         )
+
+    def _takes_part(self, portal: PortalRow, mail: ParsedMail, job: MailJob) -> bool:
+        if portal.kind == "list":
+            return portal.conv_key == f"list:{mail.list_id}"
+        author = self._author(mail, job).address
+        return author in portal.participants
 
     async def ensure_room(self, portal: PortalRow) -> RoomID:
         if portal.room_id:
@@ -278,11 +310,13 @@ class PortalManager:
     def _text_content(self, job: MailJob, mail: ParsedMail, root: bool) -> dict[str, Any]:
         rendered = render_message(mail, root=root)
         notes = []
-        warning = job.warning_for(self._author(mail, job).address) if job.warning_for else None
+        author = self._author(mail, job)
+        warning = job.warning_for(author.address) if job.warning_for else None
         if warning:
             notes.append(warning)
         if job.tag:
             notes.append(f"✉ to {job.recipient}")
+        notes += self._recipient_notes(mail, job, author)
         body = rendered.body
         formatted = rendered.formatted_body or html.escape(rendered.body).replace("\n", "<br>")
         if notes:
@@ -291,11 +325,29 @@ class PortalManager:
         return {"msgtype": "m.text", "body": body, "format": "org.matrix.custom.html",
                 "formatted_body": formatted}
 
+    def _recipient_notes(self, mail: ParsedMail, job: MailJob, author: Address) -> list[str]:
+        """Say who an answer would reach when that is not simply the people in the room."""
+        notes = []
+        reply_to, _ = self._reply_targets(mail, job)
+        if reply_to != [author.address]:
+            notes.append("↩ replies go to " + _some(reply_to))
+        unseated = [
+            a.address
+            for a in mail.participants()
+            if a.address and not self.is_ours(a.address) and a.address != author.address
+        ][MAX_SEATED:]
+        if unseated:
+            notes.append(f"👥 also on this mail: {len(unseated)} more — " + _some(unseated))
+        return notes
+
     async def _send_part(
         self, job: MailJob, part: int, intent: IntentAPI, room_id: RoomID, content: dict[str, Any]
     ) -> str:
         if part in job.done_parts:
             return job.done_parts[part]
+        # Intentional mentions (spec 1.7): an empty set, so "@room" or a name in a mail's text
+        # never notifies anyone.
+        content["m.mentions"] = {}
         # Derived from the queue entry and part: a retry reuses it, so the homeserver dedups.
         owner_hash = hashlib.sha256(job.owner.encode()).hexdigest()[:8]
         txn_id = f"cloakroom.{job.queue_id}.{owner_hash}.{part}"
@@ -304,6 +356,12 @@ class PortalManager:
         if job.record_part:
             await job.record_part(part, event_id)
         return event_id
+
+
+def _some(addresses: list[str], shown: int = 10) -> str:
+    """``a, b, c and 7 others``: a list that stays readable however long the mail's was."""
+    rest = len(addresses) - shown
+    return ", ".join(addresses[:shown]) + (f" and {rest} others" if rest > 0 else "")
 
 
 def _thread_refs(mail: ParsedMail) -> list[str]:
