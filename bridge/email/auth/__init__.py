@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 from .dns import DnsTempError, Resolver
+from .headers import HeaderSection, read_header_section
 from .verdict import AuthConfig, Authenticator, AuthVerdict
 
-__all__ = ["AuthConfig", "AuthVerdict", "Authenticator", "DnsTempError", "Resolver"]
+__all__ = [
+    "AuthConfig",
+    "AuthVerdict",
+    "Authenticator",
+    "DnsTempError",
+    "HeaderSection",
+    "Resolver",
+    "read_header_section",
+]

@@ -50,19 +50,32 @@ def organizational_domain(domain: str) -> str:
 
 def author_domain(from_fields: list[str]) -> str:
     """The domain of the one From address; raises :class:`AuthorError` otherwise."""
+    return author(from_fields)[1]
+
+
+def author(from_fields: list[str]) -> tuple[str, str]:
+    """(address, domain as A-labels) of the one From address; :class:`AuthorError` otherwise."""
     if len(from_fields) != 1:
         raise AuthorError(f"{len(from_fields)} From header fields")
     addresses = [address for _, address in getaddresses(from_fields) if address]
     if len(addresses) != 1:
         raise AuthorError(f"{len(addresses)} From addresses")
     _, at, domain = addresses[0].rpartition("@")
+    domain = normal_domain(domain)
+    if domain is None or not at:
+        raise AuthorError("the From address has no valid domain")
+    return addresses[0], domain
+
+
+def normal_domain(domain: str) -> str | None:
+    """A domain as DMARC compares it: lower case, A-labels, no final dot; None if invalid."""
     domain = domain.strip().lower().rstrip(".")
     try:
         domain = domain.encode("idna").decode("ascii")  # an SMTPUTF8 domain → its A-labels
     except UnicodeError:
-        raise AuthorError(f"From domain {domain!r} is not a valid name") from None
-    if not at or not all(_LABEL.fullmatch(label) for label in domain.split(".")):
-        raise AuthorError(f"From address {addresses[0]!r} has no valid domain")
+        return None
+    if not domain or not all(_LABEL.fullmatch(label) for label in domain.split(".")):
+        return None
     return domain
 
 

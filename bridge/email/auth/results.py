@@ -6,17 +6,26 @@ would fail). Only a header carrying the configured authserv-id is believed: anyo
 Authentication-Results header into a message, and a trusted MTA is expected to remove copies of
 its own id that arrive from outside (RFC 8601 §5).
 
-The parser is tolerant: comments are set aside (they are kept per result, since common MTAs put
-"p=reject" there), unknown methods and properties are skipped, and a result it cannot read
-leaves that method out.
+The grammar is the ``authres`` library's, not ours (a hand-written tokenizer once read
+``dmarc / 1 = fail`` as a method called "1"). It drops comments, and common MTAs put the DMARC
+policy in one ("p=reject"), so a small subclass keeps each result's top-level comments. A header
+``authres`` cannot read is not believed at all; unknown methods and properties are carried along
+and simply never asked for.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
+from typing import Any
+
+import authres
+import authres.core
 
 from .dmarc import POLICIES, organizational_domain
+
+log = logging.getLogger("bridge.email.auth")
 
 SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 DKIM_RESULTS = ("pass", "fail", "none", "temperror", "permerror")
@@ -24,6 +33,9 @@ DMARC_RESULTS = ("pass", "fail", "none", "temperror", "permerror")
 # Older or vendor spellings, mapped onto the results our verdict uses.
 _ALIASES = {"hardfail": "fail", "policy": "fail", "neutral": "fail", "error": "temperror"}
 _POLICY = re.compile(r"\b(s?p)\s*=\s*([a-z]+)", re.IGNORECASE)
+# authres re-scans the rest of the text at every token (quadratic); real headers are a few
+# hundred bytes, so a longer one is not read (it is then not believed).
+MAX_VALUE_LENGTH = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,7 @@ class MethodResult:
     reason: str | None = None
     properties: dict[str, str] = field(default_factory=dict)  # "header.d" → "example.com"
     comments: list[str] = field(default_factory=list)
+    version: str | None = None  # the method version ("dkim/1"), if written
 
 
 @dataclass(frozen=True)
@@ -44,111 +57,87 @@ class AuthResults:
         return [r for r in self.results if r.method == method]
 
 
-def _tokens(value: str) -> list[tuple[str, str]]:
-    """Split into ("word"|"string"|"comment"|";"|"=", text), honouring quotes and comments."""
-    tokens: list[tuple[str, str]] = []
-    i, n = 0, len(value)
-    while i < n:
-        c = value[i]
-        if c.isspace():
-            i += 1
-        elif c in ";=":
-            tokens.append((c, c))
-            i += 1
-        elif c == '"':
-            text, i = _quoted(value, i + 1)
-            tokens.append(("string", text))
-        elif c == "(":
-            text, i = _comment(value, i + 1)
-            tokens.append(("comment", text))
-        else:
-            start = i
-            while i < n and not value[i].isspace() and value[i] not in ';="()':
-                i += 1
-            tokens.append(("word", value[start:i]))
-            i = max(i, start + 1)  # a stray ")" is skipped rather than looped on
-    return tokens
+class _CommentKeepingHeader(authres.core.AuthenticationResultsHeader):
+    """authres' parser, remembering the top-level comments inside each resinfo, and with CFWS
+    read correctly (authres 1.2 stops at the space after a comment when one preceded it, so
+    RFC 8601 B.7's ``dkim (…) / 1 (…) = (…) fail`` failed to parse)."""
+
+    def _parse_rfc5322_cfws(self) -> bool:
+        found = False
+        while True:
+            fws = self._parse_pattern(authres.core.RFC5322_FWS_PATTERN)
+            comment = self._parse_rfc5322_comment()
+            if not fws and not comment:
+                return found
+            found = True
+
+    def _parse_resinfo(self) -> Any:
+        self._comments: list[str] = []
+        self._depth = 0
+        result = super()._parse_resinfo()
+        if isinstance(result, authres.core.AuthenticationResult):
+            result.cloakroom_comments = self._comments
+        return result
+
+    def _parse_rfc5322_comment(self) -> Any:
+        before = self._parse_text
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            found = super()._parse_rfc5322_comment()
+        finally:
+            self._depth -= 1
+        if found and self._depth == 0 and hasattr(self, "_comments"):
+            text = before[: len(before) - len(self._parse_text)].strip()
+            self._comments.append(text[1:-1])  # without the outer parentheses
+        return found
 
 
-def _quoted(value: str, i: int) -> tuple[str, int]:
-    out = []
-    while i < len(value) and value[i] != '"':
-        if value[i] == "\\" and i + 1 < len(value):
-            i += 1
-        out.append(value[i])
-        i += 1
-    return "".join(out), i + 1
-
-
-def _comment(value: str, i: int) -> tuple[str, int]:
-    depth, start = 1, i
-    while i < len(value) and depth:
-        if value[i] == "\\":
-            i += 1
-        elif value[i] == "(":
-            depth += 1
-        elif value[i] == ")":
-            depth -= 1
-        i += 1
-    return value[start : i - 1 if depth == 0 else i], i
+_FEATURES = authres.FeatureContext()
+_FEATURES.header_class = _CommentKeepingHeader
 
 
 def parse(value: str) -> AuthResults | None:
-    """Parse one header value; None when it does not even start with an authserv-id."""
-    tokens = _tokens(value)
-    head, pos = _until_semicolon(tokens, 0)
-    head = [t for t in head if t[0] != "comment"]
-    if not head or head[0][0] not in ("word", "string"):
+    """Parse one (unfolded) header value; None when it is not a readable header."""
+    if len(value) > MAX_VALUE_LENGTH:
+        return None
+    try:
+        header = _FEATURES.parse_value(value)
+    except (authres.core.AuthResError, RecursionError, ValueError, AttributeError) as e:
+        log.debug("Unreadable Authentication-Results header: %s", type(e).__name__)
         return None
     results = []
-    while pos < len(tokens):
-        segment, pos = _until_semicolon(tokens, pos + 1)
-        result = _resinfo(segment)
-        if result is not None:
-            results.append(result)
-    return AuthResults(head[0][1], results)
+    for r in header.results:
+        if not isinstance(r, authres.core.AuthenticationResult):
+            continue  # a "none" after real results
+        properties: dict[str, str] = {}
+        for prop in r.properties or []:
+            properties.setdefault(f"{prop.type}.{prop.name}".lower(), _unquote(str(prop.value)))
+        results.append(
+            MethodResult(
+                method=str(r.method).lower(),
+                result=str(r.result).lower(),
+                reason=None if r.reason is None else _unquote(str(r.reason)),
+                properties=properties,
+                comments=list(getattr(r, "cloakroom_comments", [])),
+                version=r.version,
+            )
+        )
+    return AuthResults(header.authserv_id, results)
 
 
-def _until_semicolon(tokens: list[tuple[str, str]], pos: int) -> tuple[list, int]:
-    end = pos
-    while end < len(tokens) and tokens[end][0] != ";":
-        end += 1
-    return tokens[pos:end], end
-
-
-def _resinfo(segment: list[tuple[str, str]]) -> MethodResult | None:
-    comments = [text for kind, text in segment if kind == "comment"]
-    items = [t for t in segment if t[0] != "comment"]
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(items):
-        if (
-            i + 2 < len(items)
-            and items[i][0] == "word"
-            and items[i + 1][0] == "="
-            and items[i + 2][0] in ("word", "string")
-        ):
-            pairs.append((items[i][1].lower(), items[i + 2][1]))
-            i += 3
-        else:
-            i += 1  # something unreadable: skip it and look for the next name=value
-    if not pairs:
-        return None  # e.g. the "none" of a header reporting no results
-    method, result = pairs[0]
-    reason = None
-    properties: dict[str, str] = {}
-    for name, val in pairs[1:]:
-        if name == "reason":
-            reason = val
-        elif "." in name:
-            properties.setdefault(name, val)
-    return MethodResult(method.split("/")[0].strip(), result.lower(), reason, properties, comments)
+def _unquote(value: str) -> str:
+    # authres keeps a quoted-string's quoted-pairs as written; a token cannot hold a backslash.
+    return re.sub(r"\\(.)", r"\1", value)
 
 
 def find_trusted(values: list[str], authserv_id: str) -> AuthResults | None:
     """The topmost header (``values`` in message order) from ``authserv_id``, if any."""
     wanted = authserv_id.strip().lower()
+    # Only headers that start with the id are parsed at all: the others cost nothing.
+    starts = re.compile(r"\s*(?:\([^()]*\)\s*)*" + re.escape(wanted) + r"(?![\w.-])", re.I)
     for value in values:
+        if not starts.match(value):
+            continue
         parsed = parse(value)
         if parsed is not None and parsed.authserv_id.lower() == wanted:
             return parsed

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -23,12 +22,14 @@ from .dkim import DkimResult, check_dkim
 from .dmarc import (
     AuthorError,
     Discovery,
-    author_domain,
+    author,
     discover,
     evaluate,
+    normal_domain,
     organizational_domain,
 )
 from .dns import Resolver
+from .headers import HeaderSection, read_header_section
 from .results import AuthResults, dkim_of, dmarc_of, find_trusted, spf_of
 from .spf import SpfResult, check_spf, identity
 
@@ -65,7 +66,7 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class AuthVerdict:
-    from_domain: str | None
+    from_domain: str | None  # the domain of from_address: what SPF/DKIM/DMARC were tied to
     spf: str  # pass | fail | softfail | neutral | none | temperror | permerror
     spf_domain: str | None
     dkim: str  # pass | fail | none | temperror | permerror
@@ -73,6 +74,7 @@ class AuthVerdict:
     dmarc: str  # pass | fail | none | temperror | permerror
     dmarc_policy: str | None  # none | quarantine | reject, as it applies to from_domain
     source: str  # checked | trusted-header
+    from_address: str | None = None  # the one RFC5322.From address this verdict is about
 
     @classmethod
     def unverified(cls, from_domain: str | None = None) -> AuthVerdict:
@@ -81,30 +83,44 @@ class AuthVerdict:
 
     @property
     def authenticated(self) -> bool:
+        """Whether from_domain is proven. Says nothing about any other address: see vouches_for."""
         # Without a DMARC record, a valid DKIM signature by the From domain itself still proves
         # the From address (most small domains sign but publish no DMARC policy).
         if self.dmarc == "none" and self.from_domain:
             return self.from_domain.lower() in (d.lower() for d in self.dkim_domains)
         return self.dmarc == "pass"
 
+    def vouches_for(self, address: str) -> bool:
+        """Whether the address a reader is shown is one this verdict proves (by its domain)."""
+        return self.authenticated and _same_domain(address, self.from_domain)
+
     @property
     def should_reject(self) -> bool:
         return self.dmarc == "fail" and self.dmarc_policy == "reject"
 
     def marker(self, shown_address: str) -> str | None:
-        """A line for readers when the From address is not proven; None when it is."""
-        if self.authenticated:
+        """A line for readers when the address they are shown is not proven; None when it is."""
+        if self.vouches_for(shown_address):
             return None
+        if self.from_domain and not _same_domain(shown_address, self.from_domain):
+            # Shown as one domain, checked as another: the shape of an impersonation, so the
+            # warning says so plainly, even when the other domain's check passed.
+            return (
+                f"⚠⚠ WARNING: shown as from {shown_address}, but the sender check was about "
+                f"{self.from_address or self.from_domain}; nothing proves this came from "
+                f"{shown_address}. Treat it as a likely forgery."
+            )
+        return f"⚠ could not verify that this came from {shown_address} ({self._reason()})"
+
+    def _reason(self) -> str:
         if self.dmarc == "temperror":
-            reason = "no DNS answer"
-        elif self.dmarc == "fail":
-            reason = "DMARC: fail"
-        else:
-            parts = [f"DMARC: {self.dmarc}"]
-            parts += [f"SPF: {self.spf}"] if self.spf != "none" else []
-            parts += [f"DKIM: {self.dkim}"] if self.dkim != "none" else []
-            reason = ", ".join(parts)
-        return f"⚠ could not verify that this came from {shown_address} ({reason})"
+            return "no DNS answer"
+        if self.dmarc == "fail":
+            return "DMARC: fail"
+        parts = [f"DMARC: {self.dmarc}"]
+        parts += [f"SPF: {self.spf}"] if self.spf != "none" else []
+        parts += [f"DKIM: {self.dkim}"] if self.dkim != "none" else []
+        return ", ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,23 +137,15 @@ class AuthVerdict:
             dmarc=data.get("dmarc", "none"),
             dmarc_policy=data.get("dmarc_policy"),
             source=data.get("source", "checked"),
+            from_address=data.get("from_address"),
         )
 
 
-def header_fields(raw: bytes) -> list[tuple[str, str]]:
-    """(lower-case name, unfolded value) of each header field, in message order."""
-    match = re.search(rb"\r?\n\r?\n", raw)
-    text = (raw[: match.start()] if match else raw).decode("utf-8", "replace")
-    fields: list[tuple[str, str]] = []
-    for line in re.split(r"\r?\n", text):
-        if line[:1] in (" ", "\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + line)  # RFC 5322 unfolding: drop the line break only
-        elif ":" in line:
-            name, _, value = line.partition(":")
-            fields.append((name.strip().lower(), value))
-        # Anything else (an mbox "From " line, garbage) is not a field.
-    return [(name, value.strip()) for name, value in fields]
+def _same_domain(address: str, domain: str | None) -> bool:
+    if not domain:
+        return False
+    shown = normal_domain(address.rpartition("@")[2]) if "@" in address else None
+    return shown is not None and shown == normal_domain(domain)
 
 
 class Authenticator:
@@ -148,23 +156,39 @@ class Authenticator:
         # Load the public suffix list now, not on the event loop during the first check.
         organizational_domain("example.com")
 
-    async def check(self, raw: bytes, *, mail_from: str, peer_ip: str, helo: str) -> AuthVerdict:
+    async def check(
+        self,
+        raw: bytes,
+        *,
+        mail_from: str,
+        peer_ip: str,
+        helo: str,
+        headers: HeaderSection | None = None,
+    ) -> AuthVerdict:
+        """The verdict on ``raw``. ``headers`` is the listener's reading of its header section
+        (the one the reader's view is built from); without it, the message is read here."""
         try:
-            verdict = await self._check(raw, mail_from, peer_ip, helo)
+            verdict = await self._check(raw, mail_from, peer_ip, helo, headers)
         except Exception:
             log.exception("Checking the sender of a message from %s failed", mail_from or helo)
             return AuthVerdict.unverified()
         log.debug("Sender check for %s via %s: %s", mail_from, peer_ip, verdict)
         return verdict
 
-    async def _check(self, raw: bytes, mail_from: str, peer_ip: str, helo: str) -> AuthVerdict:
-        fields = header_fields(raw)
+    async def _check(
+        self, raw: bytes, mail_from: str, peer_ip: str, helo: str, headers: HeaderSection | None
+    ) -> AuthVerdict:
+        if headers is None:
+            section = read_header_section(raw)
+            # A header section the listener would refuse has no author we could vouch for.
+            headers = section if isinstance(section, HeaderSection) else HeaderSection((), 0)
         if self.config.trusted_authserv_id:
-            values = [value for name, value in fields if name == "authentication-results"]
-            trusted = find_trusted(values, self.config.trusted_authserv_id)
+            trusted = find_trusted(
+                headers.all("authentication-results"), self.config.trusted_authserv_id
+            )
             if trusted is not None:
-                return self._from_header(trusted, fields)
-        author = _author(fields)
+                return self._from_header(trusted, headers)
+        address, domain = _author(headers)
         spf_fallback = SpfResult("temperror", identity(mail_from, helo)[1] or None)
         spf, dkim, discovery = await asyncio.gather(
             self._guard(
@@ -181,14 +205,14 @@ class Authenticator:
                 DkimResult("temperror"),
                 None,
             ),
-            self._guard("DMARC", self._discover(author), Discovery(temperror=True), self.budget),
+            self._guard("DMARC", self._discover(domain), Discovery(temperror=True), self.budget),
         )
-        if author is None:
+        if domain is None:
             dmarc, policy = "permerror", None
         else:
-            dmarc, policy = evaluate(author, discovery, spf, dkim)
+            dmarc, policy = evaluate(domain, discovery, spf, dkim)
         return AuthVerdict(
-            from_domain=author,
+            from_domain=domain,
             spf=spf.result,
             spf_domain=spf.domain,
             dkim=dkim.result,
@@ -196,10 +220,11 @@ class Authenticator:
             dmarc=dmarc,
             dmarc_policy=policy,
             source="checked",
+            from_address=address,
         )
 
-    async def _discover(self, author: str | None) -> Discovery:
-        return Discovery() if author is None else await discover(self.resolver, author)
+    async def _discover(self, domain: str | None) -> Discovery:
+        return Discovery() if domain is None else await discover(self.resolver, domain)
 
     async def _guard(
         self, what: str, work: Awaitable[_T], fallback: _T, deadline: float | None
@@ -214,13 +239,23 @@ class Authenticator:
             log.exception("%s check failed", what)
         return fallback
 
-    def _from_header(self, trusted: AuthResults, fields: list[tuple[str, str]]) -> AuthVerdict:
+    def _from_header(self, trusted: AuthResults, headers: HeaderSection) -> AuthVerdict:
         spf, spf_domain = spf_of(trusted)
         dkim, dkim_domains = dkim_of(trusted)
         dmarc, policy, header_from = dmarc_of(trusted)
+        address, domain = _author(headers)
+        if dmarc != "none" and (domain is None or normal_domain(header_from or "") != domain):
+            # The MTA's DMARC result is about the From *it* read; unless that is the From we
+            # read (and show), its result says nothing about ours.
+            log.info(
+                "Trusted Authentication-Results: dmarc is about header.from=%s, the From is %s;"
+                " not believed",
+                header_from,
+                domain,
+            )
+            dmarc, policy = "permerror", None
         return AuthVerdict(
-            # The From the reader sees; the MTA's header.from should name the same domain.
-            from_domain=_author(fields) or header_from,
+            from_domain=domain,
             spf=spf,
             spf_domain=spf_domain,
             dkim=dkim,
@@ -228,12 +263,14 @@ class Authenticator:
             dmarc=dmarc,
             dmarc_policy=policy,
             source="trusted-header",
+            from_address=address,
         )
 
 
-def _author(fields: list[tuple[str, str]]) -> str | None:
+def _author(headers: HeaderSection) -> tuple[str | None, str | None]:
+    """(address, domain) of the message's one author; (None, None) when there is none."""
     try:
-        return author_domain([value for name, value in fields if name == "from"])
+        return author(headers.all("from"))
     except AuthorError as e:
         log.info("No DMARC check possible: %s", e)
-        return None
+        return None, None
