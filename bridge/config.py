@@ -276,6 +276,7 @@ class Config:
             "email.rate_limit.per_sender_per_hour",
             "email.rate_limit.per_recipient_per_hour",
             "email.delivery.give_up_after_hours",
+            "email.retention_days",
             "email.relay.timeout",
             "email.outbound.lifetime_hours",
             "email.outbound.rate_limit",
