@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosmtplib
 
@@ -28,7 +28,8 @@ class RelaySettings:
     port: int
     security: str  # none | starttls | tls
     username: str
-    password: str
+    # Out of the repr: settings end up in log lines and tracebacks, the password must not.
+    password: str = field(repr=False)
     timeout: float
 
 
