@@ -82,9 +82,33 @@ async def test_txn_log_prune_drops_only_old_entries(db: Database) -> None:
     )
     await log.mark("new")
     assert await log.seen("old")
-    await log.prune()
+    assert await log.prune() == 1  # by default: older than RETENTION_MS
     assert not await log.seen("old")
     assert await log.seen("new")
+
+
+async def test_txn_log_prune_takes_a_cutoff(db: Database) -> None:
+    log = TxnLog(db)
+    await log.mark("t1")
+    assert await log.prune(int(time.time() * 1000) - 60_000) == 0
+    assert await log.prune(int(time.time() * 1000) + 60_000) == 1
+    assert not await log.seen("t1")
+
+
+async def test_schema_v8_is_version_8_whatever_registers_before_it(db: Database) -> None:
+    # v05–v07 are written in parallel; v08 pins its index so its number never moves.
+    assert upgrade_table.upgrades[7].__mau_db_upgrade_description__.startswith(
+        "Mail metadata sealed"
+    )
+    # Its columns exist (the inserts would fail otherwise).
+    await db.execute(
+        "INSERT INTO mail_message (room_id, message_id, event_id, thread_root, sealed) "
+        "VALUES ('!r', 'm@x', '$e', '$e', 'v1:x')"
+    )
+    await db.execute(
+        "INSERT INTO portal (id, owner, conv_key, kind, name, participants, sealed_subject) "
+        "VALUES ('p', '@a:x', 'dm:b@x', 'dm', 'b', '[]', 'v1:x')"
+    )
 
 
 async def test_crypto_store_roundtrip_and_wrong_pickle_key(db: Database) -> None:

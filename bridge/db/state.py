@@ -47,6 +47,12 @@ class TxnLog:
             now,
         )
 
-    async def prune(self) -> None:
-        cutoff = int(time.time() * 1000) - self.RETENTION_MS
-        await self.db.execute("DELETE FROM appservice_txn WHERE processed_at < $1", cutoff)
+    async def prune(self, older_than_ms: int | None = None) -> int:
+        """Forget ids processed before older_than_ms (ms since the epoch; by default
+        RETENTION_MS ago); how many went. The retention job (bridge.retention) calls it."""
+        if older_than_ms is None:
+            older_than_ms = int(time.time() * 1000) - self.RETENTION_MS
+        rows = await self.db.fetch(
+            "DELETE FROM appservice_txn WHERE processed_at < $1 RETURNING txn_id", older_than_ms
+        )
+        return len(rows)
