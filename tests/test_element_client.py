@@ -1,0 +1,153 @@
+"""Element's crypto stack (matrix-js-sdk + Rust crypto) against the real Synapse and bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+
+from .element_client import ElementClient, ElementDevices, element_devices, node_unavailable
+from .harness import Env
+from .mail import make_mail, send, unique
+from .test_email_in import PNG_1x1
+
+
+def _ghost(address: str) -> str:
+    return "@_email_" + address.replace("@", "=40") + ":localhost"
+
+
+@pytest.fixture
+async def element(running: Env) -> AsyncIterator[ElementDevices]:
+    reason = await asyncio.to_thread(node_unavailable)
+    if reason:
+        pytest.skip(reason)
+    async with element_devices(running) as devices:
+        yield devices
+
+
+async def _bare_user(env: Env) -> tuple[str, str]:
+    """A registered user who has never logged in anywhere: (user ID, password)."""
+    localpart = f"el{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(12)
+    await asyncio.to_thread(env.synapse.register_user, localpart, password)
+    user_id = f"@{localpart}:{env.synapse.server_name}"
+    env.passwords[user_id] = password
+    return user_id, password
+
+
+def _address(user_id: str) -> str:
+    return f"{user_id[1:].split(':')[0]}@localhost"
+
+
+async def _mail(env: Env, user_id: str, text: str, subject: str = "Hello",
+                sender: str = "bob@example.org") -> None:
+    to = _address(user_id)
+    await send(env.smtp_port, make_mail(to=to, sender=f"Bob <{sender}>", subject=subject,
+                                        text=text), [to], mail_from=sender)
+
+
+async def _portal(env: Env, device: ElementClient, subject: str = "Hello") -> tuple[str, str]:
+    """Mail from bob to the device's user, accepted: (room, the mail's text event ID)."""
+    token = unique("mail")
+    await _mail(env, device.user_id, f"Text {token}", subject)
+    room_id = await device.accept_invite()
+    (msg,) = await device.wait_for_messages(room_id, lambda e: token in e.body)
+    return room_id, msg.event_id
+
+
+async def test_mail_decrypts_in_element_with_no_red_shield(running: Env,
+                                                           element: ElementDevices) -> None:
+    user_id, password = await _bare_user(running)
+    alice = await element.login(user_id, password, "Element A")
+    assert alice.user_id == user_id and alice.device_id
+    token = unique("plain")
+    await _mail(running, user_id, f"Are you free? {token}", "Lunch?")
+    room_id = await alice.accept_invite()
+    assert any(r["room_id"] == room_id and r["encrypted"] for r in await alice.rooms())
+    (msg,) = await alice.wait_for_messages(room_id, lambda e: token in e.body)
+    assert msg.encrypted and msg.decrypted and msg.decryption_failure is None
+    assert msg.sender == _ghost("bob@example.org")
+    assert "Lunch?" in msg.body
+    # The ghost sends from its own device, cross-signed by the ghost: no red shield in Element.
+    assert msg.shield_colour != "RED", (msg.shield_colour, msg.shield_reason)
+
+
+async def test_element_reply_is_mailed_out(running: Env, element: ElementDevices) -> None:
+    user_id, password = await _bare_user(running)
+    alice = await element.login(user_id, password)
+    room_id, root = await _portal(running, alice, subject="Plans")
+    token = unique("reply")
+    event_id = await alice.send_text(room_id, f"Sounds good {token}", thread_root=root)
+    (mine,) = await alice.wait_for_messages(room_id, lambda e: e.event_id == event_id)
+    assert mine.encrypted and mine.thread_root == root
+    (mail,) = await asyncio.to_thread(running.relay.wait_for, lambda r: token.encode() in r.data)
+    msg = mail.message
+    assert mail.rcpt_tos == ["bob@example.org"]
+    assert msg["Subject"] == "Re: Plans"
+    assert token in msg.get_body(("plain",)).get_content()
+
+
+# Bridge bug (seen with this test): a device-list change from an appservice transaction
+# (MSC3202) is handed only to the bot's OlmMachine, not to the ghosts' machines, so the ghost keeps
+# sharing its Megolm session with the devices it saw first and device B gets
+# MEGOLM_UNKNOWN_INBOUND_SESSION_ID on new mail.
+@pytest.mark.xfail(reason="bridge: ghosts' OlmMachines never learn of a new device of the user",
+                   strict=False)
+async def test_two_devices_of_one_user_both_decrypt_new_mail(running: Env,
+                                                             element: ElementDevices) -> None:
+    user_id, password = await _bare_user(running)
+    a = await element.login(user_id, password, "A")
+    room_id, root = await _portal(running, a)
+    b = await element.login(user_id, password, "B")
+    assert b.device_id != a.device_id
+    assert room_id in {r["room_id"] for r in await b.rooms() if r["membership"] == "join"}
+    # B writes first, and the bridge mails it out: the bridge has then handled the transactions
+    # up to B's message, and with them the device-list change of B's login (so the mail below
+    # does not race B's keys, as it could in a real client too).
+    hello = unique("fromB")
+    await b.send_text(room_id, f"Hello from B {hello}", thread_root=root)
+    sent = await asyncio.to_thread(running.relay.wait_for, lambda r: hello.encode() in r.data)
+    assert len(sent) == 1, "the bridge did not mail B's message out"
+    token = unique("later")
+    await _mail(running, user_id, f"For both devices {token}")
+    for device in (a, b):
+        (msg,) = await device.wait_for_messages(room_id, lambda e: token in e.body, timeout=30)
+        assert msg.decrypted and msg.shield_colour != "RED", device.device_id
+
+
+async def test_cross_signing_and_recovery_on_a_second_device(running: Env,
+                                                             element: ElementDevices) -> None:
+    user_id, password = await _bare_user(running)
+    a = await element.login(user_id, password, "A")
+    status = await a.bootstrap_cross_signing(recovery=True)
+    assert status["cross_signing_ready"] and status["device_signed_by_owner"], status
+    assert status["recovery_key"]
+    b = await element.login(user_id, password, "B")
+    assert not (await b.status())["device_signed_by_owner"]
+    status = await b.recover(status["recovery_key"])
+    assert status["device_signed_by_owner"] and status["cross_signing_ready"], status
+    seen_by_a = await a.device_status(user_id, b.device_id)
+    assert seen_by_a and seen_by_a["signed_by_owner"] and seen_by_a["cross_signing_verified"]
+
+
+async def test_encrypted_attachment_downloads_and_decrypts(running: Env,
+                                                           element: ElementDevices) -> None:
+    user_id, password = await _bare_user(running)
+    alice = await element.login(user_id, password)
+    to = _address(user_id)
+    payload = bytes(range(256)) * 16
+    msg = make_mail(to=to, subject="Report")
+    msg.add_attachment(payload, maintype="application", subtype="pdf", filename="report.pdf")
+    msg.add_attachment(PNG_1x1, maintype="image", subtype="png", filename="dot.png")
+    await send(running.smtp_port, msg, [to])
+    room_id = await alice.accept_invite()
+    files = await alice.wait_for_messages(room_id, lambda e: e.msgtype in ("m.file", "m.image"),
+                                          count=2)
+    pdf = next(e for e in files if e.msgtype == "m.file").content
+    assert "url" not in pdf and "file" in pdf
+    plain = await alice.download_decrypted(pdf["file"])
+    assert hashlib.sha256(plain).digest() == hashlib.sha256(payload).digest()
+    assert await alice.download_raw(pdf["file"]) != payload
