@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import ipaddress
 import os
 import secrets
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -266,12 +267,23 @@ class Config:
             raise ConfigError("email.outbound.edits", "must be notice or correction")
         if bool(self["email.dkim.selector"]) != bool(self["email.dkim.private_key"]):
             raise ConfigError("email.dkim.private_key", "selector and private_key go together")
+        for network in self["email.rate_limit.exempt_networks"] or []:
+            try:
+                ipaddress.ip_network(str(network), strict=False)
+            except ValueError:
+                raise ConfigError(
+                    "email.rate_limit.exempt_networks", f"{network!r} is not an IP network"
+                ) from None
         for key in ("email.listen.port", "email.auth.dns_port", "email.relay.port"):
             if not 0 < self[key] < 65536:
                 raise ConfigError(key, f"must be a TCP/UDP port, got {self[key]}")
         for key in (
             "email.max_size",
             "email.max_recipients",
+            "email.max_header_size",
+            "email.listen.max_connections",
+            "email.listen.connections_per_ip_per_minute",
+            "email.rate_limit.null_sender_per_ip_per_hour",
             "email.auth.dns_timeout",
             "email.rate_limit.per_sender_per_hour",
             "email.rate_limit.per_recipient_per_hour",

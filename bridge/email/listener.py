@@ -1,34 +1,183 @@
 """The SMTP/LMTP listener (aiosmtpd hooks). Every answer is an SMTP status, never a traceback.
 
 `250` after DATA means the message and its envelope are committed to the inbound queue; with LMTP
-each accepted recipient gets its own status line, as the protocol requires.
+each accepted recipient gets its own status line, as the protocol requires. What the listener
+will not take it refuses with a status, at the earliest command that can tell: nothing is
+accepted and then dropped.
+
+Sessions are counted (:class:`Sessions`): over ``max_connections`` at once, or over the per-IP
+connection rate, a new connection is greeted with ``421 4.7.0`` and closed. On stop, the
+listener drains: new connections and idle sessions get ``421 4.3.2 Service shutting down``
+(RFC 5321 §3.8), a command in progress (a DATA being received and committed) is finished and
+answered first, and sessions still open after the drain deadline are closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
-from collections.abc import Callable
-from email.message import Message
-from email.parser import BytesHeaderParser
-from email.policy import compat32
+from collections.abc import Awaitable, Callable, Iterable
 from email.utils import parseaddr
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from .auth import Authenticator, AuthVerdict
+from .auth import Authenticator, AuthVerdict, HeaderSection, read_header_section
+from .auth.headers import DEFAULT_MAX_HEADER_SIZE
 from .mailbox import LocalRecipient, RecipientCheck
 from .queue import InboundQueue, QueuedRecipient
 from .ratelimit import SlidingWindow
 
 TOO_BIG = "552 5.3.4 Message too big for this server"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections; try again later"
+CONNECTING_TOO_OFTEN = "421 4.7.0 Too many connections from your address; try again later"
+LOOP = "554 5.4.6 Routing loop detected: this message was sent by this server"
+MAILBOX_FULL = "452 4.2.2 Mailbox full; try again later"
+DRAIN_SECONDS = 10.0
+
+log = logging.getLogger("bridge.email.in")
+# aiosmtpd logs every command at INFO and every DATA line at DEBUG under "mail.log": mail content
+# and addresses must never reach the logs, whatever level the rest of the bridge logs at.
+AIOSMTPD_LOGGER = "mail.log"
+
+IsOwnMessageId = Callable[[str], Awaitable[bool]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class _StatusMixin:
-    """Give aiosmtpd's built-in size answers their enhanced status codes (RFC 3463)."""
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_aiosmtpd_log() -> None:
+    """Pin aiosmtpd's logger to WARNING. The filter survives a later logging.config.dictConfig,
+    which resets the level of loggers below the ones it configures (and may name this one)."""
+    logger = logging.getLogger(AIOSMTPD_LOGGER)
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _BelowWarning) for f in logger.filters):
+        logger.addFilter(_BelowWarning())
+
+
+quiet_aiosmtpd_log()
+
+
+class Sessions:
+    """The open SMTP sessions: admission (how many, how often per address) and the drain."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        per_ip: SlidingWindow | None = None,
+        exempt: Iterable[str] = (),
+    ) -> None:
+        self.max_connections = max_connections
+        self.per_ip = per_ip  # connections per peer address; None: no limit
+        self.exempt: list[Network] = [ipaddress.ip_network(n, strict=False) for n in exempt]
+        self.open: set[_SessionMixin] = set()
+        self.draining = False
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def is_exempt(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.exempt)
+
+    def admit(self, protocol: _SessionMixin, ip: str) -> str | None:
+        """None, and the session is counted; or the status to greet it with before closing."""
+        if self.draining:
+            return SHUTTING_DOWN
+        if len(self.open) >= self.max_connections:
+            log.warning("Refused a connection from %s: %d sessions open", ip, len(self.open))
+            return TOO_MANY_CONNECTIONS
+        if self.per_ip is not None and not self.is_exempt(ip):
+            if not self.per_ip.allowed(ip):
+                log.info("Refused a connection from %s: connecting too often", ip)
+                return CONNECTING_TOO_OFTEN
+            self.per_ip.hit(ip)
+        self.open.add(protocol)
+        self._empty.clear()
+        return None
+
+    def release(self, protocol: _SessionMixin) -> None:
+        self.open.discard(protocol)
+        if not self.open:
+            self._empty.set()
+
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Say 421 to every session as soon as it is between commands; wait ≤ ``timeout``."""
+        self.draining = True
+        for protocol in list(self.open):
+            if not protocol.busy:
+                protocol.goodbye()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
+        except TimeoutError:
+            log.warning("Closing %d SMTP session(s) still busy after %.0f s", len(self.open),
+                        timeout)
+            for protocol in list(self.open):
+                protocol.goodbye(SHUTTING_DOWN)
+                self.release(protocol)
+
+
+class _SessionMixin:
+    """Admission, the 421 on shutdown, and enhanced status codes for aiosmtpd's size answers."""
+
+    def __init__(self, *args: Any, sessions: Sessions, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sessions = sessions
+        self.busy = False
+        methods: dict[str, Any] = self._smtp_methods  # type: ignore[has-type]
+        self._smtp_methods = {name: self._guarded(m) for name, m in methods.items()}
+
+    def _guarded(self, method: Callable[[str | None], Awaitable[None]]) -> Any:
+        async def command(arg: str | None) -> None:
+            if self.sessions.draining and method.__name__ != "smtp_QUIT":
+                self.goodbye()
+                return
+            self.busy = True
+            try:
+                await method(arg)
+            finally:
+                self.busy = False
+            # The command in progress when the drain began is finished and answered; now 421.
+            if self.sessions.draining:
+                self.goodbye()
+
+        for attribute in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
+            if hasattr(method, attribute):  # HELP reads them
+                setattr(command, attribute, getattr(method, attribute))
+        return command
+
+    def goodbye(self, status: str = SHUTTING_DOWN) -> None:
+        """Send ``status`` and close; the transport flushes it first. RFC 5321 §3.8 allows the
+        421 between commands: the client reads it as the answer to its next one."""
+        transport = getattr(self, "transport", None)
+        if transport is None or transport.is_closing():
+            return
+        self._writer.write(status.encode() + b"\r\n")  # type: ignore[attr-defined]
+        transport.close()
+
+    async def _handle_client(self) -> None:
+        peer = self.session.peer  # type: ignore[attr-defined]
+        ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        refusal = self.sessions.admit(self, ip)
+        if refusal is not None:
+            self.goodbye(refusal)
+            return
+        await super()._handle_client()  # type: ignore[misc]
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.sessions.release(self)
+        super().connection_lost(error)  # type: ignore[misc]
 
     async def push(self, status: str) -> None:  # type: ignore[override]
         if status.startswith("552 Error"):
@@ -36,11 +185,11 @@ class _StatusMixin:
         await super().push(status)  # type: ignore[misc]
 
 
-class CloakroomSMTP(_StatusMixin, SMTP):
+class CloakroomSMTP(_SessionMixin, SMTP):
     pass
 
 
-class CloakroomLMTP(_StatusMixin, LMTP):
+class CloakroomLMTP(_SessionMixin, LMTP):
     async def push(self, status: str) -> None:  # type: ignore[override]
         # aiosmtpd refuses oversize or over-long DATA with one reply, but an LMTP client waits
         # for one per accepted recipient (RFC 2033 §4.2) and would time out on the missing ones.
@@ -66,9 +215,14 @@ class InboundHandler:
         max_recipients: int,
         per_sender: SlidingWindow,
         per_recipient: SlidingWindow,
-        own_domain: str,
+        is_own_message_id: IsOwnMessageId,
         lmtp: bool,
         on_queued: Callable[[], None],
+        per_null_sender_ip: SlidingWindow | None = None,
+        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        hold_max_messages: int | None = None,
+        hold_max_bytes: int | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self.recipients = recipients
         self.queue = queue
@@ -77,10 +231,17 @@ class InboundHandler:
         self.max_recipients = max_recipients
         self.per_sender = per_sender
         self.per_recipient = per_recipient
-        self.own_domain = own_domain.lower()
+        # The null sender is every bounce on the internet, not one sender: it is counted per
+        # peer address instead (exempt networks, e.g. a local MTA, are not counted).
+        self.per_null_sender_ip = per_null_sender_ip
+        self.is_own_message_id = is_own_message_id
+        self.max_header_size = max_header_size
+        self.hold_max_messages = hold_max_messages
+        self.hold_max_bytes = hold_max_bytes
+        self.sessions = sessions or Sessions()
         self.lmtp = lmtp
         self.on_queued = on_queued
-        self.log = logging.getLogger("bridge.email.in")
+        self.log = log
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -89,10 +250,23 @@ class InboundHandler:
         if sender and not self.per_sender.allowed(sender):
             wait = self.per_sender.retry_after(sender)
             return f"451 4.7.1 Too much mail from {address}; try again in {wait} seconds"
+        null_key = self._null_sender_key(sender, session)
+        if null_key and not self.per_null_sender_ip.allowed(null_key):  # type: ignore[union-attr]
+            wait = self.per_null_sender_ip.retry_after(null_key)  # type: ignore[union-attr]
+            return (
+                f"451 4.7.1 Too many bounces (MAIL FROM:<>) from your address; try again in "
+                f"{wait} seconds"
+            )
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         envelope.cloakroom_rcpts = []  # type: ignore[attr-defined]
         return "250 2.1.0 Sender OK"
+
+    def _null_sender_key(self, sender: str, session: Session) -> str | None:
+        if sender or self.per_null_sender_ip is None:
+            return None
+        ip = _peer_ip(session)
+        return None if self.sessions.is_exempt(ip) else ip
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -101,6 +275,8 @@ class InboundHandler:
             return "452 4.5.3 Too many recipients"
         try:
             recipient, status = await self.recipients.check(address)
+            if recipient is not None and await self._mailbox_full(recipient.user_id):
+                recipient, status = None, MAILBOX_FULL
         except Exception:
             self.log.exception("Recipient check failed for %s", address)
             return "451 4.3.0 Temporary failure; try again later"
@@ -114,6 +290,20 @@ class InboundHandler:
         envelope.rcpt_options.extend(options)
         envelope.cloakroom_rcpts.append(recipient)  # type: ignore[attr-defined]
         return status
+
+    async def _mailbox_full(self, user_id: str) -> bool:
+        """Whether the mail waiting for this user (held until their first device) is at quota."""
+        held_usage = getattr(self.queue, "held_usage", None)
+        if held_usage is None:  # an InboundQueue from before holding existed
+            return False
+        count, size = await held_usage(user_id)
+        full = (self.hold_max_messages is not None and count >= self.hold_max_messages) or (
+            self.hold_max_bytes is not None and size >= self.hold_max_bytes
+        )
+        if full:
+            self.log.info("Mailbox of %s is full: %d messages, %d bytes held", user_id, count,
+                          size)
+        return full
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         recipients: list[LocalRecipient] = getattr(envelope, "cloakroom_rcpts", [])
@@ -130,17 +320,20 @@ class InboundHandler:
         self, session: Session, envelope: Envelope, recipients: list[LocalRecipient]
     ) -> str:
         raw: bytes = envelope.original_content or b""
-        headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
-        if self._is_our_own(headers.get("Message-ID", "")):
-            self.log.warning(
-                "Dropped a message from %s carrying our own Message-ID %s (mail loop)",
-                envelope.mail_from,
-                headers.get("Message-ID"),
-            )
-            return "250 2.0.0 Dropped: this message came from this server (loop)"
-        peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        # The one reading of the headers: the sender check and the queue key use it, and it only
+        # accepts what the reader's parser must read the same way.
+        headers = read_header_section(raw, max_size=self.max_header_size)
+        if isinstance(headers, str):
+            self.log.info("Refused a message from %s: %s", envelope.mail_from, headers)
+            return headers
+        if await self._is_loop(headers, envelope):
+            return LOOP
         verdict = await self.authenticator.check(
-            raw, mail_from=envelope.mail_from or "", peer_ip=peer_ip, helo=session.host_name or ""
+            raw,
+            mail_from=envelope.mail_from or "",
+            peer_ip=_peer_ip(session),
+            helo=session.host_name or "",
+            headers=headers,
         )
         if verdict.should_reject and self.reject_dmarc_failures:
             self.log.info("Refused mail from %s: DMARC failure, p=reject", verdict.from_domain)
@@ -153,9 +346,17 @@ class InboundHandler:
                       len(recipients))
         return f"250 2.0.0 Queued as {queue_id}"
 
-    def _is_our_own(self, message_id: str) -> bool:
-        domain = message_id.strip().strip("<>").rpartition("@")[2].lower()
-        return bool(domain) and domain == self.own_domain
+    async def _is_loop(self, headers: HeaderSection, envelope: Envelope) -> bool:
+        """A loop is a mail carrying a Message-ID this bridge generated itself: only that (a
+        Message-ID merely under our domain is not: Delta Chat writes <uuid@localhost>)."""
+        for message_id in headers.all("message-id"):
+            if message_id and await self.is_own_message_id(message_id):
+                self.log.warning(
+                    "Refused a message from %s carrying a Message-ID this bridge sent (mail loop)",
+                    envelope.mail_from,
+                )
+                return True
+        return False
 
     async def _enqueue(
         self,
@@ -164,14 +365,13 @@ class InboundHandler:
         envelope: Envelope,
         recipients: list[LocalRecipient],
         verdict: AuthVerdict,
-        headers: Message,
+        headers: HeaderSection,
     ) -> str:
-        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         mail_from = _reverse_path(envelope.mail_from)
         queue_id = await self.queue.enqueue(
             raw=raw,
             mail_from=mail_from,
-            peer=peer,
+            peer=_peer_ip(session),
             helo=session.host_name or "",
             auth=verdict.to_json(),
             recipients=[QueuedRecipient(r.user_id, r.recipient, r.tag) for r in recipients],
@@ -180,10 +380,17 @@ class InboundHandler:
         # Counted once committed: refused or failed attempts don't use up the sender's quota.
         if mail_from:
             self.per_sender.hit(mail_from.lower())
+        null_key = self._null_sender_key(mail_from, session)
+        if null_key:
+            self.per_null_sender_ip.hit(null_key)  # type: ignore[union-attr]
         for user_id in {r.user_id for r in recipients}:
             self.per_recipient.hit(user_id)
         self.on_queued()
         return queue_id
+
+
+def _peer_ip(session: Session) -> str:
+    return session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
 
 
 def _reverse_path(address: str | None) -> str:
@@ -191,13 +398,13 @@ def _reverse_path(address: str | None) -> str:
     return "" if not address or address == "<>" else address
 
 
-def _order_key(headers: Message, mail_from: str) -> str:
+def _order_key(headers: HeaderSection, mail_from: str) -> str:
     """Which conversation a mail belongs to, as far as delivery order goes: its list, else its
     author. Deliberately coarse: it only decides what may be delivered in parallel."""
-    list_id = str(headers.get("List-Id", "") or "").strip().lower()
+    list_id = (headers.first("list-id") or "").strip().lower()
     if list_id:
         return f"list:{list_id}"
-    author = parseaddr(str(headers.get("From", "") or ""))[1].lower()
+    author = parseaddr(headers.first("from") or "")[1].lower()
     return f"from:{author or mail_from.lower()}"
 
 
@@ -212,6 +419,7 @@ async def start_listener(
     tls_cert: str = "",
     tls_key: str = "",
 ) -> asyncio.AbstractServer:
+    quiet_aiosmtpd_log()  # again: logging may have been configured since this module loaded
     tls_context: ssl.SSLContext | None = None
     if tls_cert:
         tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -223,6 +431,7 @@ async def start_listener(
         "decode_data": False,
         "hostname": hostname,
         "ident": "Cloakroom",
+        "sessions": handler.sessions,
     }
     if tls_context:
         kwargs["tls_context"] = tls_context

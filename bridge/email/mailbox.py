@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,12 @@ NO_SUCH_USER = "550 5.1.1 No such mailbox here"
 NOT_ALLOWED = "550 5.7.1 This mailbox may not receive mail through this bridge"
 TRY_LATER = "451 4.4.3 Cannot check this mailbox right now; try again later"
 OK = "250 2.1.5 Recipient OK"
+
+# How long an answer from the homeserver's user directory is reused, and how many are kept: a
+# dictionary attack on RCPT meets a bounded cache, not a growing one.
+EXISTS_TTL = 300.0
+MISSING_TTL = 60.0
+CACHE_SIZE = 10_000
 
 # Characters that route mail elsewhere in some MTAs (percent hack, bang paths, source routes,
 # quoted local parts hiding an @): never part of a mailbox of ours.
@@ -60,6 +67,35 @@ class KnownMailboxes:
         return bool(await self.db.fetchval("SELECT 1 FROM known_mailbox WHERE user_id=$1", user_id))
 
 
+class _ExistsCache:
+    """user ID → exists, each answer for its TTL; least recently used entries go first."""
+
+    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.size = size
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, bool]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, user_id: str) -> bool | None:
+        entry = self._entries.get(user_id)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._entries[user_id]
+            return None
+        self._entries.move_to_end(user_id)
+        return entry[1]
+
+    def put(self, user_id: str, exists: bool) -> None:
+        ttl = EXISTS_TTL if exists else MISSING_TTL
+        self._entries[user_id] = (self._clock() + ttl, exists)
+        self._entries.move_to_end(user_id)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
 class RecipientCheck:
     def __init__(
         self,
@@ -70,6 +106,7 @@ class RecipientCheck:
         user_exists: UserExists,
         reserved_localparts: Callable[[str], bool],
         known: KnownMailboxes,
+        cache_size: int = CACHE_SIZE,
     ) -> None:
         self.known = known
         self.email_domain = email_domain.lower()
@@ -77,7 +114,7 @@ class RecipientCheck:
         self.permissions = permissions
         self._user_exists = user_exists
         self._reserved = reserved_localparts
-        self._cache: dict[str, tuple[float, bool]] = {}
+        self._cache = _ExistsCache(cache_size)
         self.log = logging.getLogger("bridge.email.in")
 
     async def check(self, address: str) -> tuple[LocalRecipient | None, str]:
@@ -102,8 +139,8 @@ class RecipientCheck:
 
     async def _exists(self, user_id: str) -> bool | None:
         cached = self._cache.get(user_id)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
+        if cached is not None:
+            return cached
         exists = await self._user_exists(user_id)
         if exists is None and await self.known.is_known(user_id):
             self.log.info("Homeserver unreachable; accepting mail for known user %s", user_id)
@@ -114,6 +151,5 @@ class RecipientCheck:
             await self.known.forget(user_id)
         if exists is not None:
             # New users get mail within a minute; known users are not looked up on every RCPT.
-            ttl = 300 if exists else 60
-            self._cache[user_id] = (time.monotonic() + ttl, exists)
+            self._cache.put(user_id, exists)
         return exists
