@@ -186,7 +186,7 @@ SPF_CASES = {
         "pass",
         a={"alice.users.mac2.test": ["127.0.0.2"]},
     ),
-    "ptr-never-matches": SpfCase(
+    "ptr-without-reverse-dns": SpfCase(
         {"ptr.test": ["v=spf1 ptr -all"]}, "192.0.2.7", "a@ptr.test", "fail"
     ),
     "redirect-without-record": SpfCase(
