@@ -315,14 +315,3 @@ class MessageMap:
         )
         # Read through find() so the row is decoded exactly as every other lookup decodes it.
         return await self.find(room_id, [message_id]) if message_id else None
-
-    async def latest_in_room(self, room_id: str) -> MailMessageRow | None:
-        """The newest mail of a room, whichever direction (received, or sent from Matrix): what
-        a message typed in the room's main timeline continues."""
-        message_id = await self.db.fetchval(
-            "SELECT message_id FROM mail_message WHERE room_id=$1 "
-            "ORDER BY created_at DESC LIMIT 1",
-            room_id,
-        )
-        # Read through find() so the row is decoded exactly as every other lookup decodes it.
-        return await self.find(room_id, [message_id]) if message_id else None
