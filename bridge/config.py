@@ -292,6 +292,7 @@ class Config:
             "email.relay.timeout",
             "email.outbound.lifetime_hours",
             "email.outbound.rate_limit",
+            "email.outbound.max_recipients",
             "email.outbound.rate_window_seconds",
             "email.hold.max_messages",
             "email.hold.max_bytes",
