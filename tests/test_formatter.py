@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import base64
-import struct
-import zlib
 from datetime import UTC, datetime
 
 import pytest
 
 from bridge.formatter import Address, ParsedMail, parse_mail, render_message
 from bridge.formatter.from_email import (
+    MAX_ATTACHMENTS,
     MAX_DEPTH,
-    MAX_PARSE_DEPTH,
     MAX_PARTS,
-    PLACEHOLDER,
+    TOO_DEEP,
+    WHOLE,
     decode_bytes,
 )
-from bridge.formatter.media import image_dimensions, msgtype_for, sanitize_filename
 from bridge.formatter.quotes import collapse_plain_quotes
+from bridge.formatter.to_matrix import PLACEHOLDER
+
+from .test_formatter_media import gif, jpeg, png, webp_vp8, webp_vp8l, webp_vp8x
 
 
 def mail(headers: str, body: bytes | str = b"Hello.\n") -> bytes:
@@ -39,58 +40,6 @@ def multipart(*parts: bytes, boundary: str = "BOUNDARY") -> bytes:
 
 def part(headers: str, body: bytes | str) -> bytes:
     return mail(headers, body)
-
-
-# --- tiny, valid images --------------------------------------------------------------------------
-
-
-def png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data)
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    rows = b"".join(b"\x00" + b"\x00\x00\x00" * width for _ in range(height))
-    signature = b"\x89PNG\r\n\x1a\n"
-    return (
-        signature + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-    )
-
-
-def gif(width: int, height: int) -> bytes:
-    screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0)  # 2-colour global table
-    table = b"\x00\x00\x00\xff\xff\xff"
-    image = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0)
-    return b"GIF89a" + screen + table + image + b"\x02\x02\x44\x01\x00" + b"\x3b"
-
-
-def jpeg(width: int, height: int, sof: int = 0xC0) -> bytes:
-    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
-    # An EXIF-sized APP1 segment before the frame header, which the reader must jump over.
-    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 300) + b"Exif\x00\x00" + b"\x00" * 294
-    frame = struct.pack(">HBHHB", 17, 8, height, width, 3) + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01"
-    return b"\xff\xd8" + app0 + app1 + bytes([0xFF, sof]) + frame + b"\xff\xd9"
-
-
-def webp_vp8x(width: int, height: int) -> bytes:
-    payload = (
-        b"\x00\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
-    )
-    chunk = b"VP8X" + struct.pack("<I", len(payload)) + payload
-    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
-
-
-def webp_vp8l(width: int, height: int) -> bytes:
-    bits = (width - 1) | (height - 1) << 14
-    payload = b"\x2f" + struct.pack("<I", bits)
-    chunk = b"VP8L" + struct.pack("<I", len(payload)) + payload
-    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
-
-
-def webp_vp8(width: int, height: int) -> bytes:
-    payload = b"\x00\x00\x00" + b"\x9d\x01\x2a" + struct.pack("<HH", width, height) + b"\x00" * 4
-    chunk = b"VP8 " + struct.pack("<I", len(payload)) + payload
-    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
 
 
 # --- bodies ---------------------------------------------------------------------------------------
@@ -447,16 +396,30 @@ def test_calendar_in_alternative_becomes_an_attachment() -> None:
     ]
 
 
-def test_text_part_with_a_filename_is_an_attachment() -> None:
+def test_inline_text_part_with_a_filename_is_text() -> None:
+    # Apple Mail and others name the text parts they send inline: the text of the mail.
     body = multipart(
         part("Content-Type: text/plain", "Body."),
         part('Content-Type: text/plain\nContent-Disposition: inline; filename="notes.txt"', "N"),
     )
     parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
+    assert parsed.text == "Body.\n\nN"
+    assert parsed.attachments == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        'Content-Type: text/plain\nContent-Disposition: attachment; filename="notes.txt"',
+        'Content-Type: text/plain; name="notes.txt"\nContent-Disposition: attachment',
+        'Content-Type: text/html\nContent-Disposition: inline; filename="notes.txt"',
+    ],
+)
+def test_text_part_as_a_file_is_an_attachment(headers: str) -> None:
+    body = multipart(part("Content-Type: text/plain", "Body."), part(headers, "N"))
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
     assert parsed.text == "Body."
-    assert [(a.filename, a.data, a.inline) for a in parsed.attachments] == [
-        ("notes.txt", b"N", True)
-    ]
+    assert [(a.filename, a.data) for a in parsed.attachments] == [("notes.txt", b"N")]
 
 
 # --- damaged mail -------------------------------------------------------------------------------
@@ -478,14 +441,40 @@ def test_broken_base64_attachment_is_noted_and_the_text_survives() -> None:
     assert [a.content_type for a in parsed.attachments] == ["application/pdf"]
 
 
-def test_broken_base64_text_part_is_dropped_with_a_note() -> None:
+def test_broken_base64_text_part_shows_what_decodes() -> None:
     body = multipart(
         part("Content-Type: text/plain\nContent-Transfer-Encoding: base64", "SGVsbG8*&^%$#\nx"),
         part("Content-Type: text/plain", "The second part."),
     )
     parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
-    assert parsed.text == "The second part."
-    assert parsed.problems == ["Part 2 (text/plain) could not be decoded"]
+    assert parsed.text == "Hello\n\nThe second part."
+    assert parsed.problems == [
+        "Part 2 (text/plain) is damaged; the text before the damage is shown"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("encoded", "text"),
+    [
+        # A list server's footer appended to a base64 body, as mail clients show it.
+        (base64.encodebytes("Grüße aus Köln\n".encode()) + b"-- \nList footer\n", "Grüße aus Köln"),
+        (b"SGVsbG8gd29ybGQ=\n!!!junk", "Hello world"),
+        (b"SGVsbG8gd29ybGQ=\nSGVsbG8=", "Hello world"),  # data after the padding
+    ],
+)
+def test_base64_with_trailing_junk(encoded: bytes, text: str) -> None:
+    headers = HEAD + "\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: base64"
+    parsed = parse_mail(mail(headers, encoded))
+    assert parsed.text == text
+    assert parsed.problems == [
+        "Part 1 (text/plain) is damaged; the text before the damage is shown"
+    ]
+
+
+def test_base64_that_decodes_to_nothing_is_noted() -> None:
+    headers = HEAD + "\nContent-Type: text/plain\nContent-Transfer-Encoding: base64"
+    parsed = parse_mail(mail(headers, "!!! not base64 at all"))
+    assert (parsed.text, parsed.problems) == ("", ["Part 1 (text/plain) could not be decoded"])
 
 
 def test_missing_padding_is_not_damage() -> None:
@@ -524,18 +513,15 @@ def nested(depth: int) -> bytes:
     return mail(HEAD).rsplit(b"\r\n\r\n", 1)[0] + b"\r\n" + body
 
 
-WHOLE = "The message structure could not be read; it is attached whole"
-
-
 @pytest.mark.parametrize(
     ("depth", "text", "problem"),
     [
+        (20, "deep text", None),
+        # Postfix's mime_nesting_limit: legal mail, whose text must come through.
         (MAX_DEPTH, "deep text", None),
-        (MAX_DEPTH + 1, "", "Part 22 (text/plain) is nested too deeply and was skipped"),
-        (MAX_PARSE_DEPTH, "", "Part 22 (multipart/mixed) is nested too deeply and was skipped"),
-        # Deeper than this, the stdlib parser's time grows with lines × depth: not parsed.
-        (MAX_PARSE_DEPTH + 1, "", WHOLE),
-        (3000, "", WHOLE),
+        # Deeper: what lies above the limit is read, the rest is in the attached original.
+        (MAX_DEPTH + 1, "", TOO_DEEP),
+        (3000, "", TOO_DEEP),
     ],
 )
 def test_absurd_nesting(depth: int, text: str, problem: str | None) -> None:
@@ -544,8 +530,20 @@ def test_absurd_nesting(depth: int, text: str, problem: str | None) -> None:
     assert parsed.text == text
     assert parsed.subject == "Hi"
     assert parsed.problems == ([problem] if problem else [])
-    if problem == WHOLE:
+    if problem:
         assert [(a.filename, a.data) for a in parsed.attachments] == [("message.eml", raw)]
+    else:
+        assert parsed.attachments == []
+
+
+def test_text_above_too_deep_nesting_is_kept() -> None:
+    deep = nested(MAX_DEPTH + 5).split(b"\r\n", 4)[-1]  # without the top-level headers
+    body = multipart(part("Content-Type: text/plain", "Text before the deep part."), deep)
+    raw = mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body)
+    parsed = parse_mail(raw)
+    assert parsed.text == "Text before the deep part."
+    assert parsed.problems == [TOO_DEEP]
+    assert [a.filename for a in parsed.attachments] == ["message.eml"]
 
 
 def test_embedded_messages_deeper_than_the_parser_can_recurse() -> None:
@@ -554,15 +552,43 @@ def test_embedded_messages_deeper_than_the_parser_can_recurse() -> None:
     assert (parsed.subject, parsed.problems) == ("Hi", [WHOLE])
 
 
-def test_too_many_parts() -> None:
-    parts = [part("Content-Type: application/octet-stream", "x") for _ in range(MAX_PARTS + 50)]
+def test_too_many_attachments() -> None:
+    count = MAX_ATTACHMENTS + 50
+    parts = [part("Content-Type: application/octet-stream", f"{n}") for n in range(count)]
     body = multipart(part("Content-Type: text/plain", "Body."), *parts)
+    raw = mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body)
+    parsed = parse_mail(raw)
+    assert parsed.text == "Body."
+    assert [a.data for a in parsed.attachments[:-1]] == [b"%d" % n for n in range(MAX_ATTACHMENTS)]
+    assert (parsed.attachments[-1].filename, parsed.attachments[-1].data) == ("message.eml", raw)
+    assert parsed.problems == [
+        f"The message has {count} attachments; only the first {MAX_ATTACHMENTS} are posted, "
+        "the rest are in the original"
+    ]
+
+
+def test_too_many_parts() -> None:
+    # Empty text parts: no attachments, so only the part count is over its limit.
+    parts = [part("Content-Type: text/plain", "") for _ in range(MAX_PARTS + 50)]
+    body = multipart(part("Content-Type: text/plain", "Body."), *parts)
+    raw = mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body)
+    parsed = parse_mail(raw)
+    assert parsed.text == "Body."
+    assert [a.filename for a in parsed.attachments] == ["message.eml"]
+    assert parsed.problems == [
+        f"The message has {MAX_PARTS + 52} parts; only the first {MAX_PARTS} were read, "
+        "the rest are in the original"
+    ]
+
+
+def test_problems_are_capped() -> None:
+    broken = part("Content-Type: text/plain\nContent-Transfer-Encoding: base64", "!!!")
+    body = multipart(part("Content-Type: text/plain", "Body."), *[broken] * 30)
     parsed = parse_mail(mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body))
     assert parsed.text == "Body."
-    assert len(parsed.attachments) == MAX_PARTS - 2  # the container and the text count as parts
-    assert parsed.problems == [
-        f"The message has more than {MAX_PARTS} parts; the rest were skipped"
-    ]
+    assert len(parsed.problems) == 21
+    assert parsed.problems[0] == "Part 3 (text/plain) could not be decoded"
+    assert parsed.problems[-1] == "10 further problems with this message are not listed"
 
 
 @pytest.mark.parametrize(
@@ -763,96 +789,6 @@ def test_render_message_truncates_to_fit_an_event(html: str | None) -> None:
         assert content.formatted_body is not None
         assert content.formatted_body.startswith("<strong>Big</strong><br><br><p><b>bold</b>")
         assert content.formatted_body.endswith("</p><p><em>(message truncated)</em></p>")
-
-
-# --- media ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "content_type", "expected"),
-    [
-        ("report.pdf", "application/pdf", "report.pdf"),
-        ("../../etc/passwd", "application/octet-stream", "passwd"),
-        ("C:\\Users\\bob\\report.pdf", "application/pdf", "report.pdf"),
-        ("a\r\nBcc: x", "text/plain", "a Bcc x"),
-        ("tab\there\x00nul\x7fdel.txt", "text/plain", "tab here nul del.txt"),
-        (".bashrc", "text/plain", "bashrc"),
-        ("...", "image/png", "image.png"),
-        ("..", "image/jpeg", "image.jpg"),
-        ("dir/", "application/pdf", "attachment.pdf"),
-        ("", "application/octet-stream", "attachment.bin"),
-        (None, "text/calendar", "invite.ics"),
-        (None, "audio/ogg", "audio.ogg"),
-        (None, "video/x-unknown", "video.bin"),
-        ("Grüße   aus\u3000Köln.txt", "text/plain", "Grüße aus Köln.txt"),
-        ("日本語のファイル.pdf", "application/pdf", "日本語のファイル.pdf"),
-        # Right-to-left override would show "invoiceexe.png".
-        ("invoice\u202egnp.exe", "application/octet-stream", "invoicegnp.exe"),
-        ('what?<is>"this"|*.txt', "text/plain", "what is this .txt"),
-        ("trailing dots. . .", "text/plain", "trailing dots"),
-        ("x" * 300 + ".pdf", "application/pdf", "x" * 251 + ".pdf"),
-        ("ü" * 200 + ".txt", "text/plain", "ü" * 125 + ".txt"),
-        ("y" * 300, "application/octet-stream", "y" * 255),
-    ],
-)
-def test_sanitize_filename(name: str | None, content_type: str, expected: str) -> None:
-    result = sanitize_filename(name, content_type)
-    assert result == expected
-    assert len(result.encode("utf-8")) <= 255
-
-
-@pytest.mark.parametrize(
-    ("content_type", "msgtype"),
-    [
-        ("image/png", "m.image"),
-        ("image/svg+xml", "m.file"),
-        ("video/webm", "m.video"),
-        ("audio/ogg", "m.audio"),
-        ("application/pdf", "m.file"),
-        ("text/plain", "m.file"),
-    ],
-)
-def test_msgtype_for(content_type: str, msgtype: str) -> None:
-    assert msgtype_for(content_type) == msgtype
-
-
-@pytest.mark.parametrize(
-    ("data", "size"),
-    [
-        (png(1, 1), (1, 1)),
-        (png(70_000, 3), (70_000, 3)),
-        (gif(65_535, 2), (65_535, 2)),
-        (jpeg(1, 1, sof=0xC1), (1, 1)),
-        (jpeg(8, 9, sof=0xCF), (8, 9)),
-        # Fill bytes and a stand-alone marker (no length field) before the frame header.
-        (b"\xff\xd8\xff\xff\xff\xd0" + jpeg(5, 6)[2:], (5, 6)),
-        (webp_vp8x(16_777_216, 1), (16_777_216, 1)),
-        (webp_vp8l(16_384, 16_384), (16_384, 16_384)),
-    ],
-)
-def test_image_dimensions(data: bytes, size: tuple[int, int]) -> None:
-    assert image_dimensions(data) == size
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"",
-        b"\x89PNG\r\n\x1a\n",
-        b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR\x00\x00",
-        b"GIF89a\x01",
-        b"\xff\xd8",
-        b"\xff\xd8\xff\xe0\x00\x00",  # a zero segment length would loop forever
-        b"\xff\xd8\xff\xc0\x00\x11\x08",
-        b"\xff\xd8" + b"\xff\xe1\xff\xff" * 100,
-        b"RIFF\x00\x00\x00\x00WEBPVP8 ",
-        b"RIFF\x00\x00\x00\x00WEBPVP8L\x00\x00\x00\x00\x2f",
-        b"RIFF\x00\x00\x00\x00WEBPVP8X\x00",
-        png(0, 5),
-    ],
-)
-def test_image_dimensions_of_truncated_or_invalid_data(data: bytes) -> None:
-    assert image_dimensions(data) is None
 
 
 @pytest.mark.parametrize(

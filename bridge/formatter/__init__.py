@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from .dsn import Dsn, DsnRecipient, describe, parse_dsn
-from .from_email import (
-    Address,
-    Attachment,
-    MatrixContent,
-    ParsedMail,
-    parse_mail,
-    render_message,
-)
+from .from_email import Address, Attachment, ParsedMail, parse_mail
 from .to_email import (
     OutgoingAttachment,
     OutgoingMail,
@@ -20,6 +13,7 @@ from .to_email import (
     new_message_id,
     reply_subject,
 )
+from .to_matrix import MatrixContent, display_subject, others_line, render_message
 
 __all__ = [
     "Address",
@@ -28,6 +22,8 @@ __all__ = [
     "ParsedMail",
     "parse_mail",
     "render_message",
+    "display_subject",
+    "others_line",
     "Dsn",
     "DsnRecipient",
     "describe",

@@ -18,32 +18,40 @@ import email.message
 import email.parser
 import email.policy
 import email.utils
-import html as html_lib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
 from urllib.parse import unquote
 
+from . import mime
 from .html import (
     has_content,
     html_to_text,
-    json_size,
     sanitize_html,
     text_to_html,
     too_deep,
-    truncate_html,
 )
-from .media import image_dimensions, msgtype_for, sanitize_filename
+from .media import fallback_filename, image_dimensions, msgtype_for, sanitize_filename
 from .quotes import collapse_html_quotes, collapse_plain_quotes
 
-MAX_DEPTH = 20
-MAX_PARTS = 200
-MAX_HEADER_CHARS = 64 * 1024
-MAX_ADDRESSES = 500
+# Limits on what one mail may cost. Each is far beyond legal mail (Postfix's defaults are cited
+# where they apply), and each one that is hit leaves a note in `ParsedMail.problems`.
+MAX_DEPTH = mime.MAX_DEPTH  # multipart nesting: Postfix's mime_nesting_limit
+MAX_PARTS = 500  # MIME parts looked at; the parser itself is linear, the walk per part is not free
+MAX_ATTACHMENTS = 100  # attachments posted: each is an upload and an event in the room
+MAX_HEADER_CHARS = 102_400  # one header's value: Postfix's header_size_limit
+MAX_ADDRESSES = 5_000  # per address header; 2,000 recipients in To and Cc parse in well under 1 s
 MAX_MESSAGE_IDS = 100
-# Far beyond any real mail, and the Matrix event is cut to ~40 KB anyway; bounds sanitising time.
-MAX_HTML_CHARS = 1_000_000
+# Decoded text of one body part. Far beyond any real mail, and the Matrix event is cut to ~40 KB
+# anyway; bounds sanitising and quote-collapsing time. A longer part is also attached whole.
+MAX_TEXT_CHARS = 1_000_000
+MAX_HTML_CHARS = MAX_TEXT_CHARS
+# Decoded size of one attachment: above the default 25 MiB message limit (email.max_size), so it
+# only matters where an admin raised that; larger parts are left out with a note.
+MAX_PART_BYTES = 64 * 1024 * 1024
+# Each problem becomes a notice in the room; more than this are counted, not listed.
+MAX_PROBLEMS = 20
 
 
 @dataclass
@@ -366,16 +374,29 @@ def _disposition(view: Message) -> str | None:
     return value.lower() if value else None
 
 
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=\s]", re.ASCII)
+_PADDING = re.compile(r"=[=\s]*$", re.ASCII)
+
+
 def _decode_base64(payload: str) -> tuple[bytes, bool]:
-    """Decode leniently; the flag says the encoding was damaged (junk or a truncated tail).
-    Missing padding alone is not damage: it is common and loses nothing."""
-    compact = re.sub(r"\s+", "", payload)
-    cleaned = re.sub(r"[^A-Za-z0-9+/]", "", compact.rstrip("="))
-    damaged = len(cleaned) != len(compact.rstrip("="))
-    if len(cleaned) % 4 == 1:
-        cleaned, damaged = cleaned[:-1], True  # a lone trailing character carries no byte
-    data = base64.b64decode(cleaned + "=" * (-len(cleaned) % 4))
-    return data, damaged
+    """Decode leniently; the flag says the encoding was damaged. Like mail clients, show what
+    decodes: everything before the first character that is not base64 (a list footer or junk
+    appended to the part), and what stands before the padding. Missing padding alone is not
+    damage: it is common and loses nothing. No copies of the payload beyond one or two."""
+    junk = _NOT_BASE64.search(payload)
+    damaged = junk is not None
+    if junk is not None:
+        payload = payload[: junk.start()]
+    padding = payload.find("=")
+    if padding != -1:
+        damaged = damaged or _PADDING.match(payload, padding) is None  # data after the padding
+        payload = payload[:padding]
+    data = payload.encode("ascii")
+    count = len(data) - sum(data.count(c) for c in (b" ", b"\t", b"\r", b"\n", b"\f", b"\v"))
+    if count % 4 == 1:
+        damaged = True  # a lone trailing character carries no byte; cut it below
+        data = data.rstrip()[:-1]
+    return binascii.a2b_base64(data + b"=" * (-count % 4)), damaged
 
 
 def _payload_bytes(part: Message, headers: _Headers) -> tuple[bytes, bool]:
@@ -409,7 +430,8 @@ _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9_:.-]+)"
 
 def _unflow(text: str, delsp: bool) -> str:
     """Join RFC 3676 format=flowed soft line breaks (a line ending in a space continues)."""
-    joined: list[list] = []  # [quote depth, text, open]
+    joined: list[tuple[int, list[str]]] = []  # quote depth, pieces (no string rebuilt per line)
+    open_ = False
     for line in text.split("\n"):
         depth = len(line) - len(line.lstrip(">"))
         content = line[depth:]
@@ -417,12 +439,13 @@ def _unflow(text: str, delsp: bool) -> str:
         soft = content.endswith(" ") and content != "-- "
         if soft and delsp:
             content = content[:-1]
-        if joined and joined[-1][2] and joined[-1][0] == depth:
-            joined[-1][1] += content
-            joined[-1][2] = soft
+        if joined and open_ and joined[-1][0] == depth:
+            joined[-1][1].append(content)
         else:
-            joined.append([depth, content, soft])
-    return "\n".join(">" * d + (" " if d and t else "") + t for d, t, _ in joined)
+            joined.append((depth, [content]))
+        open_ = soft
+    lines = ((d, "".join(pieces)) for d, pieces in joined)
+    return "\n".join(">" * d + (" " if d and t else "") + t for d, t in lines)
 
 
 def _clean_text(text: str) -> str:
@@ -446,25 +469,51 @@ class _Walker:
         self.bodies: list[_Body] = []
         self.attachments: list[Attachment] = []
         self.problems: list[str] = []
+        self.unlisted = 0  # problems beyond MAX_PROBLEMS
+        self.skipped_attachments = 0
+        self.incomplete = False  # something was left out: the caller attaches the original
+
+    def note(self, problem: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(problem)
+        else:
+            self.unlisted += 1
+
+    def finish(self) -> list[str]:
+        """The problems, with counts for what the caps left out."""
+        problems = list(self.problems)
+        if self.skipped_attachments:
+            problems.append(
+                f"The message has {MAX_ATTACHMENTS + self.skipped_attachments} attachments; "
+                f"only the first {MAX_ATTACHMENTS} are posted, the rest are in the original"
+            )
+        if self.count > MAX_PARTS:
+            problems.append(
+                f"The message has {self.count} parts; only the first {MAX_PARTS} were read, "
+                "the rest are in the original"
+            )
+        if self.unlisted:
+            problems.append(f"{self.unlisted} further problems with this message are not listed")
+        return problems
 
     def walk(self, part: Message, depth: int) -> None:
         self.count += 1
         number = self.count
-        if number == MAX_PARTS + 1:
-            self.problems.append(
-                f"The message has more than {MAX_PARTS} parts; the rest were skipped"
-            )
         if number > MAX_PARTS:
+            self.incomplete = True
             return
         headers = _Headers(part)
         ctype = _content_type(part, headers)
         if depth > MAX_DEPTH:
-            self.problems.append(f"Part {number} ({ctype}) is nested too deeply and was skipped")
+            self.incomplete = True
+            self.note(f"Part {number} ({ctype}) is nested too deeply and was skipped")
             return
         try:
             self._part(part, headers, ctype, number, depth)
+        except RecursionError:
+            raise  # caught once, in parse_mail: not worth a note per level
         except Exception:
-            self.problems.append(f"Part {number} ({ctype}) could not be read")
+            self.note(f"Part {number} ({ctype}) could not be read")
 
     def _part(self, part: Message, headers: _Headers, ctype: str, number: int, depth: int) -> None:
         view = headers.params()
@@ -477,7 +526,7 @@ class _Walker:
             else:
                 for child in children:
                     self.walk(child, depth + 1)
-        elif ctype in _BODY_TYPES and _disposition(view) != "attachment" and not _filename(view):
+        elif ctype in _BODY_TYPES and _is_body(view, ctype):
             text = self._text(part, headers, view, ctype, number)
             if text is not None:
                 self.bodies.append(_Body(html=text) if ctype == "text/html" else _Body(text))
@@ -507,42 +556,65 @@ class _Walker:
 
     def _unsplit(self, payload: bytes, ctype: str, number: int, depth: int) -> None:
         """A multipart whose boundary is missing or wrong: guess it from the first "--" line."""
+        if not payload.strip():
+            return  # nothing to show or guess (also where mime.nesting_cut cut the mail)
         guess = re.search(rb"^--([^\s\"\\]{1,200})[ \t]*\r?$", payload, re.M)
         if guess is None:
-            self.problems.append(f"Part {number} ({ctype}) has no usable boundary; shown as text")
-            self.bodies.append(_Body(_clean_text(decode_bytes(payload, None))))
+            self.note(f"Part {number} ({ctype}) has no usable boundary; shown as text")
+            self.bodies.append(_Body(_clean_text(decode_bytes(payload[:MAX_TEXT_CHARS], None))))
             return
-        self.problems.append(
-            f"Part {number} ({ctype}) has a wrong boundary; its parts were guessed"
-        )
+        self.note(f"Part {number} ({ctype}) has a wrong boundary; its parts were guessed")
         head = f'Content-Type: {ctype}; boundary="'.encode() + guess.group(1) + b'"\r\n\r\n'
-        self.walk(email.message_from_bytes(head + payload, policy=email.policy.default), depth + 1)
+        guessed = head + payload
+        cut = mime.nesting_cut(guessed, MAX_DEPTH - depth)
+        if cut is not None:
+            self.incomplete = True
+            self.note(f"Part {number} ({ctype}) nests too deeply; only its outer parts were read")
+            guessed = guessed[:cut]
+        self.walk(mime.parse_bytes(guessed), depth + 1)
 
     def _text(
         self, part: Message, headers: _Headers, view: Message, ctype: str, number: int
     ) -> str | None:
         data, damaged = _payload_bytes(part, headers)
         if damaged:
-            # Garbage shown as the message would be worse than saying it is missing.
-            self.problems.append(f"Part {number} ({ctype}) could not be decoded")
-            return None
+            if not data.strip():
+                self.note(f"Part {number} ({ctype}) could not be decoded")
+                return None
+            # What decodes is shown, as mail clients do; the note says the rest is missing.
+            self.note(f"Part {number} ({ctype}) is damaged; the text before the damage is shown")
         charset = _param(view, "charset")
         if charset is None and ctype == "text/html":
             meta = _META_CHARSET.search(data[:4096])
             charset = meta.group(1).decode("ascii") if meta else None
+        if len(data) > MAX_TEXT_CHARS:
+            # Bytes are cut before decoding, so a 20 MB part never becomes a 20 MB string.
+            self.note(f"Part {number} ({ctype}) is too long; the whole text is attached")
+            self._add_attachment(
+                Attachment(fallback_filename(ctype), ctype, data, None, False, "m.file")
+            )
+            data = data[:MAX_TEXT_CHARS]
         text = _clean_text(decode_bytes(data, charset))
-        if ctype == "text/html" and len(text) > MAX_HTML_CHARS:
-            self.problems.append(f"Part {number} ({ctype}) is too large and was cut short")
-            text = text[:MAX_HTML_CHARS]
         if ctype == "text/html" and too_deep(text):
-            self.problems.append(f"Part {number} ({ctype}) is nested too deeply; shown as text")
+            self.note(f"Part {number} ({ctype}) is nested too deeply; shown as text")
         if ctype == "text/plain" and (_param(view, "format") or "").lower() == "flowed":
             text = _unflow(text, (_param(view, "delsp") or "").lower() == "yes")
         return text
 
+    def _add_attachment(self, attachment: Attachment) -> None:
+        if len(self.attachments) < MAX_ATTACHMENTS:
+            self.attachments.append(attachment)
+        else:
+            self.skipped_attachments += 1
+            self.incomplete = True
+
     def _attachment(
         self, part: Message, headers: _Headers, view: Message, ctype: str, number: int
     ) -> None:
+        if len(self.attachments) >= MAX_ATTACHMENTS:
+            self.skipped_attachments += 1  # not decoded: counted only
+            self.incomplete = True
+            return
         name = _filename(view)
         if part.is_multipart():  # message/rfc822 and friends: the parser split them already
             inner = part.get_payload()
@@ -550,16 +622,21 @@ class _Walker:
             if not name and ctype == "message/rfc822" and isinstance(inner, list) and inner:
                 subject = _Headers(inner[0]).first("subject")
                 name = f"{_clean_line(decode_words(subject))}.eml" if subject else None
+        elif _encoded_size(part, headers) > MAX_PART_BYTES:
+            self.incomplete = True
+            self.note(
+                f"Part {number} ({ctype}) is larger than {MAX_PART_BYTES >> 20} MB and was "
+                "left out; it is in the original"
+            )
+            return
         else:
             data, damaged = _payload_bytes(part, headers)
             if damaged:
-                self.problems.append(
-                    f"Part {number} ({ctype}) may be damaged: its base64 encoding is broken"
-                )
+                self.note(f"Part {number} ({ctype}) may be damaged: its base64 encoding is broken")
         content_id = _content_id(headers.first("content-id"))
         msgtype = msgtype_for(ctype)
         size = image_dimensions(data) if msgtype == "m.image" else None
-        self.attachments.append(
+        self._add_attachment(
             Attachment(
                 filename=sanitize_filename(name, ctype),
                 content_type=ctype,
@@ -571,6 +648,23 @@ class _Walker:
                 height=size[1] if size else None,
             )
         )
+
+
+def _is_body(view: Message, ctype: str) -> bool:
+    """Whether a text part is the mail's text rather than a file. A filename alone does not make
+    an inline text/plain part a file: Apple Mail and others name the text they send inline."""
+    disposition = _disposition(view)
+    if disposition == "attachment":
+        return False
+    return not _filename(view) or (disposition == "inline" and ctype == "text/plain")
+
+
+def _encoded_size(part: Message, headers: _Headers) -> int:
+    """An upper bound of the decoded size, known before decoding (no encoding expands)."""
+    payload = part.get_payload()
+    size = len(payload) if isinstance(payload, (str, bytes)) else 0
+    cte = (headers.first("content-transfer-encoding") or "").strip().lower()
+    return size * 3 // 4 if cte == "base64" else size
 
 
 # --- parse_mail --------------------------------------------------------------------------------
@@ -594,52 +688,28 @@ def _whole_message(raw: bytes) -> Attachment:
     return Attachment("message.eml", "message/rfc822", raw, None, False, "m.file")
 
 
+WHOLE = "The message structure could not be read; it is attached whole"
+TOO_DEEP = (
+    f"The message nests parts more than {MAX_DEPTH} levels deep; what lies deeper was not "
+    "read, the original is attached"
+)
+
+
 def _load(raw: bytes) -> tuple[Message | None, list[str]]:
-    """The parsed tree; or, when the parser cannot or should not be run, only the headers."""
-    if _mime_depth(raw) <= MAX_PARSE_DEPTH:
-        for policy in (email.policy.default, email.policy.compat32):
-            try:
-                return email.message_from_bytes(raw, policy=policy), []
-            except RecursionError:
-                break  # nesting deeper than the parser can follow; compat32 would recurse too
-            except Exception:
-                continue
+    """The parsed tree, cut off below MAX_DEPTH (see mime.py); or, when even that cannot be
+    parsed, only the headers."""
+    problems = []
+    cut = mime.nesting_cut(raw)
+    if cut is not None:
+        raw = raw[:cut]  # the parts above the cut, and the text they hold, are still read
+        problems.append(TOO_DEEP)
     try:
-        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+        return mime.parse_bytes(raw), problems
+    except RecursionError:
+        pass  # a chain of message/rfc822 deeper than the parser can follow
     except Exception:
-        headers = None
-    return headers, ["The message structure could not be read; it is attached whole"]
-
-
-# The stdlib parser checks every line against every open boundary, so its time is lines × depth:
-# 400 levels over 100,000 lines take seconds. Deeper than this is not mail, so it is not parsed.
-MAX_PARSE_DEPTH = 50
-_BOUNDARY_PARAM = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.I)
-
-
-def _mime_depth(raw: bytes) -> int:
-    """How deeply multipart boundaries nest, estimated in one pass over the lines (a boundary
-    counts once its first delimiter line appears, and closes with its parent's delimiter)."""
-    declared: set[bytes] = set()
-    stack: list[bytes] = []
-    depth = 0
-    for line in raw.split(b"\n"):
-        if line.startswith(b"--") and declared:
-            token = line[2:].rstrip()
-            closing = token not in declared and token.endswith(b"--")
-            name = token[:-2] if closing else token
-            if name in declared:
-                if name in stack:
-                    del stack[stack.index(name) + (0 if closing else 1) :]
-                elif not closing:
-                    stack.append(name)
-                    depth = max(depth, len(stack))
-                    if depth > MAX_PARSE_DEPTH:
-                        return depth
-        elif b"=" in line:
-            for match in _BOUNDARY_PARAM.finditer(line):
-                declared.add(match.group(1) or match.group(2))
-    return depth
+        pass
+    return mime.parse_headers(raw), [WHOLE]
 
 
 def _parse(raw: bytes, collapse_quotes: bool) -> ParsedMail:
@@ -648,13 +718,16 @@ def _parse(raw: bytes, collapse_quotes: bool) -> ParsedMail:
     mail.problems.extend(problems)
     if message is not None:
         _fill_headers(mail, _Headers(message))
-    if message is None or problems:
+    if message is None or WHOLE in problems:
         mail.attachments.append(_whole_message(raw))
         return mail
     walker = _Walker()
     walker.walk(message, 0)
     mail.attachments = walker.attachments
-    mail.problems.extend(walker.problems)
+    mail.problems.extend(walker.finish())
+    if problems or walker.incomplete:
+        # Left out is not lost: the reader can open the original.
+        mail.attachments.append(_whole_message(raw))
     # Forwarded content is the point of a forward, even where it looks like a reply quote.
     collapse = collapse_quotes and not _FORWARD.match(mail.subject)
     _assemble(mail, walker.bodies, collapse)
@@ -684,64 +757,17 @@ def _assemble(mail: ParsedMail, bodies: list[_Body], collapse: bool) -> None:
 def _render_body(body: _Body, collapse: bool) -> tuple[str, str]:
     """(plain text, sanitised HTML) for one body unit."""
     html = None
-    if body.html is not None:
+    derived = None  # text made from the HTML, when it was made anyway
+    if body.html is not None and too_deep(body.html):
+        # Too deep to sanitise as HTML (see html.too_deep): render it as text once, here,
+        # rather than once in sanitize_html and again for the plain body.
+        derived = html_to_text(body.html)
+        html = text_to_html(derived)
+    elif body.html is not None:
         html = sanitize_html(collapse_html_quotes(body.html) if collapse else body.html)
     if body.plain is not None:
         text = collapse_plain_quotes(body.plain) if collapse else body.plain
     else:
-        text = html_to_text(html or "")
+        text = derived if derived is not None else html_to_text(html or "")
     text = text.rstrip()
     return text, html if html is not None else text_to_html(text)
-
-
-# --- render_message ----------------------------------------------------------------------------
-
-PLACEHOLDER = "(no text)"
-# Events are capped at 64 KiB. Encrypted, the content is base64 (4/3) inside an envelope, so the
-# two bodies (measured as ASCII-escaped JSON, the worst case) must stay well below 48 KiB.
-EVENT_BUDGET = 40_000
-_TRUNCATED_TEXT = "\n\n(message truncated)"
-_TRUNCATED_HTML = "<p><em>(message truncated)</em></p>"
-
-
-@dataclass
-class MatrixContent:
-    """The text parts of an m.room.message event."""
-
-    body: str
-    formatted_body: str | None  # HTML, only when there is formatting worth sending
-    truncated: bool = False  # the mail was cut to fit into an event
-
-
-def render_message(mail: ParsedMail, *, root: bool, budget: int = EVENT_BUDGET) -> MatrixContent:
-    """The event text for a mail. `root` (the first mail of a thread) leads with the subject in
-    bold on its own line; replies are the body alone. Never empty: a placeholder stands in."""
-    text = mail.text if mail.text.strip() else PLACEHOLDER
-    html = mail.html if mail.html and has_content(mail.html) else None
-    if root and mail.subject:
-        body = f"{mail.subject}\n\n{text}"
-        heading = f"<strong>{html_lib.escape(mail.subject, quote=False)}</strong><br><br>"
-        formatted = heading + (html or text_to_html(text))
-    else:
-        body, formatted = text, html
-    if json_size(body) + json_size(formatted or "") <= budget:
-        return MatrixContent(body, formatted)
-    if formatted is not None:
-        # HTML is the larger of the two; give it the bigger share.
-        formatted = truncate_html(formatted, budget * 3 // 5 - len(_TRUNCATED_HTML) - 2)
-        formatted += _TRUNCATED_HTML
-    room = budget - json_size(formatted or "") - len(_TRUNCATED_TEXT) - 2
-    return MatrixContent(_truncate_text(body, room) + _TRUNCATED_TEXT, formatted, truncated=True)
-
-
-def _truncate_text(text: str, budget: int) -> str:
-    """The longest prefix of `text` whose JSON size fits `budget`."""
-    text = text[: max(0, budget)]  # every character costs at least one byte
-    low, high = 0, len(text)
-    while low < high:
-        middle = (low + high + 1) // 2
-        if json_size(text[:middle]) <= budget:
-            low = middle
-        else:
-            high = middle - 1
-    return text[:low].rstrip()
