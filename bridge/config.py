@@ -299,6 +299,11 @@ class Config:
         ):
             if self[key] <= 0:
                 raise ConfigError(key, f"must be positive, got {self[key]}")
+        if self["email.retention_days"] * 86400 < self["email.outbound.rate_window_seconds"]:
+            # Outbox rows count for the sending rate limit: pruned sooner, they would reset it.
+            raise ConfigError(
+                "email.retention_days", "must cover email.outbound.rate_window_seconds"
+            )
 
     @property
     def email_domain(self) -> str:
