@@ -26,6 +26,7 @@ from bridge.worker import now_ms
 
 from .harness import Env, accept_invite, wait_for_event
 from .mail import make_mail, send, unique
+from .test_config import error, load
 
 KEY = "test pickle key"
 ROOM = "!room:example.org"
@@ -78,6 +79,7 @@ async def test_message_map_row_is_sealed_and_reads_back(db: Database) -> None:
     assert await messages.by_event(ROOM, row.event_id) == row
     assert await messages.find(ROOM, ["unknown@x", row.message_id]) == row
     assert await messages.latest_in_thread(ROOM, "$root") == row
+    assert await messages.latest_in_room(ROOM) == row
 
 
 async def test_message_map_with_the_wrong_key_refuses_to_read(db: Database) -> None:
@@ -214,6 +216,16 @@ def test_mail_content_is_not_in_row_reprs() -> None:
     assert token not in repr(_row(token))
     portal = PortalRow("p", "@a:x", "dm:b@x", "dm", None, "b", ["b@x"], subject=token)
     assert token not in repr(portal)
+
+
+# The retention setting.
+
+
+def test_retention_days_defaults_to_a_week_and_must_cover_the_rate_window() -> None:
+    assert load()["email.retention_days"] == 7
+    assert error({"email.retention_days": 0}).key == "email.retention_days"
+    too_short = error({"email.retention_days": 1, "email.outbound.rate_window_seconds": 200_000})
+    assert too_short.key == "email.retention_days"
 
 
 # Pruning and the WAL.
