@@ -27,6 +27,9 @@ PRUNE_INTERVAL = 6 * 3600
 # checkpoint after every delete costs 40–60 % of insert+delete throughput, one per 100 deletes
 # costs nothing (it even helps: a short WAL is faster), so once per batch or minute is cheap.
 CHECKPOINT_INTERVAL = 60
+# However often checkpoint_soon() is called, checkpoints are at least this far apart, so a stream
+# of deliveries asking for one after each costs one every few seconds, not one per mail.
+CHECKPOINT_MIN_GAP = 5
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -52,11 +55,13 @@ class Retention:
         *,
         prune_interval: float = PRUNE_INTERVAL,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        checkpoint_min_gap: float = CHECKPOINT_MIN_GAP,
     ) -> None:
         self.db = db
         self.prunes = list(prunes)
         self.prune_interval = prune_interval
         self.checkpoint_interval = checkpoint_interval
+        self.checkpoint_min_gap = checkpoint_min_gap
         self.log = logging.getLogger("bridge.retention")
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -75,7 +80,7 @@ class Retention:
     def checkpoint_soon(self) -> None:
         """Rows were just deleted: truncate the WAL now rather than within the minute.
 
-        Calls while a checkpoint runs are folded into one more: a burst costs two at most.
+        Calls are folded together: at most one checkpoint per CHECKPOINT_MIN_GAP seconds.
         """
         self._wake.set()
 
@@ -113,11 +118,15 @@ class Retention:
         next_prune = loop.time()
         while True:
             if loop.time() >= next_prune:
-                await self.prune_all()
+                await self.prune_all()  # checkpoints too
                 next_prune = loop.time() + self.prune_interval
             else:
                 await self.checkpoint()
-            timeout = max(0.0, min(self.checkpoint_interval, next_prune - loop.time()))
+            last_checkpoint = loop.time()
+            timeout = max(0.0, min(self.checkpoint_interval, next_prune - last_checkpoint))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            self._wake.clear()
+            if self._wake.is_set():
+                # Asked early: keep the gap since the last one, folding in asks meanwhile.
+                await asyncio.sleep(last_checkpoint + self.checkpoint_min_gap - loop.time())
+                self._wake.clear()

@@ -314,7 +314,7 @@ async def test_retention_job_prunes_at_start_and_checkpoints_when_asked(db: Data
 
     # Intervals far beyond the test: whatever happens, happens because it was asked for.
     retention = _WatchedRetention(db, [Prune("x", prune, DAY_MS)], prune_interval=3600,
-                                  checkpoint_interval=3600)
+                                  checkpoint_interval=3600, checkpoint_min_gap=0)
     retention.start()
     try:
         await asyncio.wait_for(pruned.wait(), 10)
