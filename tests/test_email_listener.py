@@ -187,6 +187,7 @@ async def start(tmp_path: Path, authenticator: Authenticator) -> AsyncIterator[S
         tls: Tls | None = None,
         db: Database | None = None,
         queue: InboundQueue | None = None,
+        queue_pickle_key: str | None = None,
         sessions: Sessions | None = None,
         per_null_sender_ip: int = 100,
         max_header_size: int = 1024 * 1024,
@@ -211,7 +212,7 @@ async def start(tmp_path: Path, authenticator: Authenticator) -> AsyncIterator[S
                 reserved_localparts=lambda localpart: localpart == "cloakroom",
                 known=KnownMailboxes(db),
             ),
-            queue=queue or InboundQueue(db),
+            queue=queue or InboundQueue(db, pickle_key=queue_pickle_key),
             authenticator=authenticator,
             reject_dmarc_failures=reject_dmarc_failures,
             max_recipients=max_recipients,
@@ -722,3 +723,166 @@ async def test_database_failure_at_data_is_a_temporary_error(
             assert await db.fetchval("SELECT COUNT(*) FROM inbound_message") == 0
         finally:
             await db.stop()
+
+
+# Quota: mail held for a mailbox whose owner has no device yet --------------------------------
+
+
+@pytest.mark.parametrize("hold", [(2, 10**9), (100, 400)], ids=["messages", "bytes"])
+async def test_a_full_mailbox_is_refused_at_rcpt(start: Start, hold: tuple[int, int]) -> None:
+    listener = await start(hold=hold)
+    for n in range(2):
+        assert await send(listener.port, mail(message_id=f"<h{n}@example.test>"), [TO_ALICE]) == {}
+    # Alice has no device that can decrypt: her mail waits, and now fills her mailbox.
+    queue = listener.handler.queue
+    assert await queue.hold_user(ALICE) == 2
+    refused = await send(listener.port, mail(), [TO_ALICE, TO_BOB])
+    assert refused == {TO_ALICE: (452, b"4.2.2 Mailbox full; try again later")}
+    last = (await listener.messages())[-1]
+    assert await listener.deliveries(last["id"]) == [(BOB, TO_BOB)]
+
+
+# The null sender: bounces are limited per peer address ---------------------------------------
+
+
+async def test_the_null_sender_is_limited_per_peer_address(start: Start) -> None:
+    listener = await start(per_sender=100, per_null_sender_ip=2)
+    for n in range(2):
+        assert await send(listener.port, mail(message_id=f"<n{n}@x.test>"), [TO_ALICE],
+                          mail_from="") == {}
+    async with connect(listener.port) as client:
+        code, text = code_and_text(await client("docmd", "MAIL FROM:<>"))
+        assert (code, text[:6]) == (451, "4.7.1 "), text
+        await client("rset")
+        # A real sender from the same address is not affected.
+        assert (await client("mail", SENDER))[0] == 250
+    assert await listener.count() == 2
+
+
+async def test_an_exempt_network_is_not_limited_per_address(start: Start) -> None:
+    listener = await start(per_null_sender_ip=1, sessions=Sessions(exempt=["127.0.0.0/8"]))
+    for n in range(3):
+        assert await send(listener.port, mail(message_id=f"<e{n}@x.test>"), [TO_ALICE],
+                          mail_from="") == {}
+
+
+# Connections ----------------------------------------------------------------------------------
+
+
+async def _greeting(port: int) -> tuple[int, str]:
+    """The server's greeting to a new connection (smtplib raises on anything but 220)."""
+    try:
+        async with connect(port, ehlo=False) as client:
+            return 220, client.smtp.sock.getpeername()[0]
+    except smtplib.SMTPConnectError as e:
+        return e.smtp_code, e.smtp_error.decode()
+
+
+async def test_connections_over_the_limit_are_greeted_421(start: Start) -> None:
+    sessions = Sessions(max_connections=2, exempt=[])
+    listener = await start(sessions=sessions)
+    async with connect(listener.port), connect(listener.port):
+        assert await _greeting(listener.port) == (
+            421, "4.7.0 Too many connections; try again later"
+        )
+    # Both sessions ended: a new one is welcome again.
+    await asyncio.wait_for(sessions._empty.wait(), 10)
+    assert (await _greeting(listener.port))[0] == 220
+
+
+async def test_connections_per_address_are_rate_limited(start: Start) -> None:
+    sessions = Sessions(per_ip=SlidingWindow(2, 60.0), exempt=[])
+    listener = await start(sessions=sessions)
+    assert [(await _greeting(listener.port))[0] for _ in range(2)] == [220, 220]
+    assert await _greeting(listener.port) == (
+        421, "4.7.0 Too many connections from your address; try again later"
+    )
+
+
+# Logs: no mail content, at any level --------------------------------------------------------
+
+
+async def test_no_mail_content_in_the_logs_even_at_debug(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import logging.config
+
+    # The admin configures DEBUG everywhere, aiosmtpd's own logger included.
+    logging.config.dictConfig({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "loggers": {"mail": {"level": "DEBUG"}, "mail.log": {"level": "DEBUG"}},
+    })
+    caplog.set_level(logging.DEBUG)
+    secret = "Kv7-the-secret-body-line"
+    try:
+        # As in production, the queue seals raw mail (aiosqlite logs every query's arguments
+        # at DEBUG; that is the database layer's own logger, outside this test's subject).
+        listener = await start(queue_pickle_key="test pickle key")
+        raw = mail(body=f"{secret}\r\nsecond line\r\n")
+        assert await send(listener.port, raw, [TO_ALICE]) == {}
+    finally:
+        from bridge.email.listener import quiet_aiosmtpd_log
+
+        quiet_aiosmtpd_log()
+    assert await listener.count() == 1
+    assert secret not in caplog.text
+    assert "Subject: Lunch" not in caplog.text
+    assert not [r for r in caplog.records if r.name == "mail.log" and r.levelno < logging.WARNING]
+
+
+# Stopping: 421 4.3.2 to every session, a DATA in progress finished first ---------------------
+
+
+async def _drain(listener: Listener, timeout: float = 10.0) -> None:
+    """What InboundMail.drain does around the sessions: drain, then close the server."""
+    await listener.handler.sessions.drain(timeout)
+    listener.server.close()
+    await listener.server.wait_closed()
+
+
+async def test_stopping_finishes_the_data_in_progress_and_says_421_to_everyone(
+    start: Start,
+) -> None:
+    listener = await start()
+    async with connect(listener.port) as idle, connect(listener.port) as busy:
+        await busy("mail", SENDER)
+        await busy("rcpt", TO_ALICE)
+        await busy("putcmd", "data")
+        assert (await busy("getreply"))[0] == 354  # the server is now inside DATA
+        await busy("send", b"From: Bob <bob@example.test>\r\nSubject: Half\r\n\r\nfirst half\r\n")
+        drain = asyncio.create_task(_drain(listener))
+        # An idle session hears 421 at its next command; so does a new connection.
+        assert code_and_text(await idle("noop")) == (421, "4.3.2 Service shutting down")
+        assert await _greeting(listener.port) == (421, "4.3.2 Service shutting down")
+        assert not drain.done()
+        # The message being received is finished, committed and answered 250.
+        await busy("send", b"second half\r\n.\r\n")
+        code, text = code_and_text(await busy("getreply"))
+        assert code == 250 and text.startswith("2.0.0 Queued as "), text
+        assert code_and_text(await busy("noop")) == (421, "4.3.2 Service shutting down")
+        await drain
+    (stored,) = await listener.messages()
+    assert stored["raw"].endswith(b"first half\r\nsecond half\r\n")
+    assert listener.handler.sessions.open == set()
+
+
+async def test_stopping_waits_a_bounded_time_for_a_stalled_session(start: Start) -> None:
+    listener = await start()
+    async with connect(listener.port) as stalled:
+        await stalled("mail", SENDER)
+        await stalled("rcpt", TO_ALICE)
+        await stalled("putcmd", "data")
+        assert (await stalled("getreply"))[0] == 354
+        await stalled("send", b"Subject: never finished\r\n")
+        await _drain(listener, timeout=0.2)  # returns although the client never ends its DATA
+        try:
+            await stalled("send", b"more\r\n.\r\n")
+            reply = code_and_text(await stalled("getreply"))
+        except (smtplib.SMTPServerDisconnected, OSError):
+            reply = None  # closed before the client could even write
+        # Told why, if it could still hear it; never a 250 for data that was not committed.
+        assert reply in (None, (421, "4.3.2 Service shutting down"))
+    assert listener.handler.sessions.open == set()
+    assert await listener.count() == 0

@@ -67,10 +67,14 @@ class KnownMailboxes:
         return bool(await self.db.fetchval("SELECT 1 FROM known_mailbox WHERE user_id=$1", user_id))
 
 
+def _monotonic() -> float:
+    return time.monotonic()  # looked up at each call, so tests can move time
+
+
 class _ExistsCache:
     """user ID → exists, each answer for its TTL; least recently used entries go first."""
 
-    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, size: int, clock: Callable[[], float] = _monotonic) -> None:
         self.size = size
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, bool]] = OrderedDict()

@@ -15,6 +15,10 @@ from collections.abc import Callable
 DEFAULT_MAX_KEYS = 100_000
 
 
+def _monotonic() -> float:
+    return time.monotonic()  # looked up at each call, so tests can move time
+
+
 class SlidingWindow:
     """At most ``limit`` events per ``window`` seconds per key."""
 
@@ -24,7 +28,7 @@ class SlidingWindow:
         window: float = 3600.0,
         *,
         max_keys: int = DEFAULT_MAX_KEYS,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = _monotonic,
     ) -> None:
         self.limit = limit
         self.window = window
