@@ -483,9 +483,11 @@ class _Walker:
         """The problems, with counts for what the caps left out."""
         problems = list(self.problems)
         if self.skipped_attachments:
+            # Past MAX_PARTS attachments are not even counted.
+            more = "more than " if self.count > MAX_PARTS else ""
             problems.append(
-                f"The message has {MAX_ATTACHMENTS + self.skipped_attachments} attachments; "
-                f"only the first {MAX_ATTACHMENTS} are posted, the rest are in the original"
+                f"The message has {more}{MAX_ATTACHMENTS + self.skipped_attachments} attachments;"
+                f" only the first {MAX_ATTACHMENTS} are posted, the rest are in the original"
             )
         if self.count > MAX_PARTS:
             problems.append(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import email.feedparser
 import email.parser
 import email.policy
-import io
+import heapq
 import re
 from collections.abc import Callable
 from email.message import Message
@@ -29,6 +29,9 @@ MAX_DEPTH = 100
 _CHUNK = 64 * 1024
 
 _BOUNDARY_PARAM = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.I)
+# A line that may be a delimiter. Searched for as a literal newline: much faster than "^" with
+# re.M, and the first line of a mail is a header, never a delimiter.
+_DELIMITER_LINE = re.compile(rb"\n(--[^\n]*)")
 # What feedparser builds for a boundary, around re.escape("--" + boundary) (CPython 3.8 - 3.13).
 _SEP_PREFIX = "(?P<sep>"
 _SEP_SUFFIX = r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
@@ -79,7 +82,7 @@ class _LinearSubFile(email.feedparser.BufferedSubFile):
         if not self._lines:
             return super().readline()  # NeedMoreData, or "" at the end
         line = self._lines.popleft()
-        if self._ends_part(line):
+        if (self._separators or self._blank or self._other) and self._ends_part(line):
             self._lines.appendleft(line)
             return ""
         return line
@@ -98,7 +101,7 @@ class _LinearSubFile(email.feedparser.BufferedSubFile):
                 return True
             if core.endswith("--") and core[:-2] in self._separators:
                 return True
-        return any(pred(line) for pred in self._other)
+        return bool(self._other) and any(pred(line) for pred in self._other)
 
 
 def _separator(pattern: str) -> str | None:
@@ -135,31 +138,32 @@ def parse_headers(raw: bytes) -> Message | None:
 
 def nesting_cut(raw: bytes, limit: int = MAX_DEPTH) -> int | None:
     """Where multipart nesting first goes deeper than `limit`: the offset of the first delimiter
-    line at depth `limit` + 1, or None if it never does. One pass over the lines; a boundary
-    counts once its first delimiter appears, and closes with an outer delimiter."""
+    line at depth `limit` + 1, or None if it never does. Linear; a boundary counts once its
+    first delimiter appears, and closes with an outer delimiter."""
     declared: set[bytes] = set()
     stack: list[bytes] = []
     level: dict[bytes, int] = {}  # position in `stack`: no scan of it per delimiter line
-    offset = 0
-    for line in io.BytesIO(raw):
-        start, offset = offset, offset + len(line)
-        if line.startswith(b"--") and declared:
-            token = line[2:].rstrip()
-            closing = token not in declared and token.endswith(b"--")
-            name = token[:-2] if closing else token
-            if name not in declared:
-                continue
-            if name in level:
-                keep = level[name] + (0 if closing else 1)
-                for inner in stack[keep:]:
-                    del level[inner]
-                del stack[keep:]
-            elif not closing:
-                level[name] = len(stack)
-                stack.append(name)
-                if len(stack) > limit:
-                    return start
-        elif b"=" in line:
-            for match in _BOUNDARY_PARAM.finditer(line):
-                declared.add(match.group(1) or match.group(2))
+    # Only delimiter-like lines and boundary parameters matter: two regexes find them in C,
+    # merged in the order they appear (21 MB of text: 0.3 s, a loop over its lines 0.7 s).
+    params = ((m.start(), False, m.group(1) or m.group(2)) for m in _BOUNDARY_PARAM.finditer(raw))
+    delimiters = ((m.start(1), True, m.group(1)) for m in _DELIMITER_LINE.finditer(raw))
+    for start, is_delimiter, value in heapq.merge(params, delimiters, key=lambda f: f[0]):
+        if not is_delimiter:
+            declared.add(value)
+            continue
+        token = value[2:].rstrip()
+        closing = token not in declared and token.endswith(b"--")
+        name = token[:-2] if closing else token
+        if name not in declared:
+            continue
+        if name in level:
+            keep = level[name] + (0 if closing else 1)
+            for inner in stack[keep:]:
+                del level[inner]
+            del stack[keep:]
+        elif not closing:
+            level[name] = len(stack)
+            stack.append(name)
+            if len(stack) > limit:
+                return start
     return None
