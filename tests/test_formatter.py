@@ -7,7 +7,14 @@ from datetime import UTC, datetime
 
 import pytest
 
-from bridge.formatter import Address, ParsedMail, parse_mail, render_message
+from bridge.formatter import (
+    Address,
+    ParsedMail,
+    from_email,
+    others_line,
+    parse_mail,
+    render_message,
+)
 from bridge.formatter.from_email import (
     MAX_ATTACHMENTS,
     MAX_DEPTH,
@@ -17,7 +24,7 @@ from bridge.formatter.from_email import (
     decode_bytes,
 )
 from bridge.formatter.quotes import collapse_plain_quotes
-from bridge.formatter.to_matrix import PLACEHOLDER
+from bridge.formatter.to_matrix import MAX_SUBJECT_DISPLAY, PLACEHOLDER, display_subject
 
 from .test_formatter_media import gif, jpeg, png, webp_vp8, webp_vp8l, webp_vp8x
 
@@ -591,6 +598,44 @@ def test_problems_are_capped() -> None:
     assert parsed.problems[-1] == "10 further problems with this message are not listed"
 
 
+def test_long_text_part_is_cut_and_attached_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(from_email, "MAX_TEXT_CHARS", 1000)
+    text = "".join(f"line {n}\n" for n in range(500))
+    parsed = parse_mail(mail(HEAD + "\nContent-Type: text/plain; charset=utf-8", text))
+    assert text.startswith(parsed.text) and len(parsed.text) < 1000
+    assert parsed.problems == ["Part 1 (text/plain) is too long; the whole text is attached"]
+    [whole] = parsed.attachments
+    assert (whole.filename, whole.data) == ("attachment.txt", text.encode().replace(b"\n", b"\r\n"))
+
+
+def test_huge_attachment_is_left_out_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(from_email, "MAX_PART_BYTES", 1000)
+    body = multipart(
+        part("Content-Type: text/plain", "Body."),
+        attachment_part("application/pdf", b"%PDF" * 1000),
+        attachment_part("application/pdf", b"%PDF"),
+    )
+    raw = mail(HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body)
+    parsed = parse_mail(raw)
+    assert parsed.text == "Body."
+    assert [a.data for a in parsed.attachments] == [b"%PDF", raw]  # and the original, whole
+    assert parsed.problems == [
+        "Part 3 (application/pdf) is larger than 0 MB and was left out; it is in the original"
+    ]
+
+
+def test_two_thousand_recipients() -> None:
+    people = [f'"Person {n}" <person.{n}@example.org>' for n in range(2000)]
+    headers = HEAD.replace("To: alice@example.net", "To: " + ", ".join(people[:1500]))
+    headers += "\nCc: " + ", ".join(people[1500:])
+    parsed = parse_mail(mail(headers))
+    assert (len(parsed.to), len(parsed.cc), parsed.problems) == (1500, 500, [])
+    everyone = parsed.participants()
+    assert len(everyone) == 2001
+    assert everyone[1] == Address("Person 0", "person.0@example.org")
+    assert everyone[-1] == Address("Person 1999", "person.1999@example.org")
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -806,3 +851,53 @@ def test_render_message_truncates_to_fit_an_event(html: str | None) -> None:
 )
 def test_decode_bytes(data: bytes, charset: str | None, expected: str) -> None:
     assert decode_bytes(data, charset) == expected
+
+
+def test_long_subject_is_shortened_in_the_event_only() -> None:
+    subject = "word " * 2000  # 10,000 characters
+    parsed = parse_mail(mail(f"From: bob@example.org\nSubject: {subject}", "The body."))
+    assert parsed.subject == subject.strip()  # kept whole for threading and replies
+    content = render_message(parsed, root=True)
+    heading, body = content.body.split("\n\n")
+    assert body == "The body." and not content.truncated
+    assert len(heading) <= MAX_SUBJECT_DISPLAY and heading.endswith("word…")
+    assert content.formatted_body is not None
+    assert content.formatted_body.endswith("</strong><br><br>The body.")
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        ("short", "short"),
+        ("x" * MAX_SUBJECT_DISPLAY, "x" * MAX_SUBJECT_DISPLAY),
+        ("x" * (MAX_SUBJECT_DISPLAY + 1), "x" * (MAX_SUBJECT_DISPLAY - 1) + "…"),
+        ("ab " * 200, ("ab " * 100).strip() + "…"),
+    ],
+)
+def test_display_subject(subject: str, expected: str) -> None:
+    assert display_subject(subject) == expected
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [
+        (0, ""),
+        (1, "Also on this mail: P0 <p0@x>"),
+        (2, "Also on this mail: P0 <p0@x> and p1@x"),
+        (3, "Also on this mail: P0 <p0@x>, p1@x and P2 <p2@x>"),
+        (
+            11,
+            "Also on this mail: P0 <p0@x>, p1@x, "
+            + ", ".join(f"P{n} <p{n}@x>" if n % 2 == 0 else f"p{n}@x" for n in range(2, 10))
+            + " and 1 other",
+        ),
+        (2000, None),
+    ],
+)
+def test_others_line(count: int, expected: str | None) -> None:
+    people = [Address(f"P{n}" if n % 2 == 0 else "", f"p{n}@x") for n in range(count)]
+    line = others_line(people)
+    if expected is None:
+        assert line.endswith(" and 1,990 others") and line.count("@") == 10
+    else:
+        assert line == expected

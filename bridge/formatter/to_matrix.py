@@ -37,7 +37,8 @@ def display_subject(subject: str, limit: int = MAX_SUBJECT_DISPLAY) -> str:
         return subject
     cut = subject[: limit - 1]
     space = cut.rfind(" ")
-    if space > limit * 3 // 4:
+    # Unless the cut already falls between two words, drop the word it splits.
+    if not subject[limit - 1].isspace() and space > limit * 3 // 4:
         cut = cut[:space]
     return cut.rstrip() + "…"
 
