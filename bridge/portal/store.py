@@ -286,20 +286,23 @@ class MessageMap:
         """
         if not self._pickle_key:
             return 0
-        total = 0
+        total, after = 0, ("", "")
+        # Walked in primary-key order from where the last batch ended: each batch is an index
+        # range, not a scan of the table (a big old map would otherwise cost quadratic time).
         while records := await self.db.fetch(
-            "SELECT * FROM mail_message WHERE sealed IS NULL LIMIT $1", SEAL_BATCH
+            "SELECT * FROM mail_message WHERE sealed IS NULL AND (room_id, message_id) > ($1, $2) "
+            "ORDER BY room_id, message_id LIMIT $3",
+            *after,
+            SEAL_BATCH,
         ):
+            after = (records[-1]["room_id"], records[-1]["message_id"])
+            rows = [self._row(record) for record in records]
             async with self.db.acquire() as conn, conn.transaction():
-                for record in records:
-                    row = self._row(record)
-                    await conn.execute(
-                        "UPDATE mail_message SET subject=$3, reply_to=$4, cc=$5, refs=$6, "
-                        "sealed=$7 WHERE room_id=$1 AND message_id=$2",
-                        row.room_id,
-                        row.message_id,
-                        *self._columns(row),
-                    )
+                await conn.executemany(
+                    "UPDATE mail_message SET subject=$3, reply_to=$4, cc=$5, refs=$6, "
+                    "sealed=$7 WHERE room_id=$1 AND message_id=$2",
+                    [(row.room_id, row.message_id, *self._columns(row)) for row in rows],
+                )
             total += len(records)
         if total:
             log.info("Sealed %d mail records written by an older version", total)
