@@ -81,6 +81,8 @@ class Cloakroom:
         await intent.ensure_registered()
         await intent.set_displayname(self.config["appservice.bot_displayname"])
         await self._start_crypto(state_store)
+        # Before any message is encrypted: devices that appeared while we were down.
+        await self.identities.resync_devices()
         self._start_hub(state_store)
         self._start_handlers(state_store)
         await self._start_email()

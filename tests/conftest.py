@@ -47,6 +47,16 @@ async def onboarding(running: Env) -> AsyncIterator[Env]:
 
 
 @pytest.fixture
+async def strict(running: Env) -> AsyncIterator[Env]:
+    """The main stack plus the strict bridge (encryption.share_with: cross-signed), which acts
+    only for the users in tests.stack.STRICT_USERS."""
+    if running.strict.process is None or running.strict.process.poll() is not None:
+        running.strict.process = None
+        running.strict.start()
+    yield running
+
+
+@pytest.fixture
 async def running(env: Env) -> AsyncIterator[Env]:
     """Per test: make sure the bridge runs, and close the test's nio clients afterwards."""
     if env.bridge.process is None or env.bridge.process.poll() is not None:

@@ -82,6 +82,21 @@ def onboarding_extra() -> dict[str, Any]:
     }
 
 
+# The strict bridge (encryption.share_with: cross-signed) acts only for these users.
+STRICT_USERS = [f"strict{i}" for i in range(1, 11)]
+
+
+def strict_extra() -> dict[str, Any]:
+    return {
+        "appservice.id": "cloakroom-strict",
+        "appservice.bot_username": "strictbot",
+        "bridge.username_template": "_email3_{address}",
+        "permissions": {"localhost": "none", **{f"@{u}:localhost": "user"
+                                               for u in STRICT_USERS}},
+        "encryption.share_with": "cross-signed",
+    }
+
+
 def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     """DNS and Synapse running, the bridge configured (call env.bridge.start() to run it)."""
     hs_port, as_port, smtp_port = free_port(), free_port(), free_port()
@@ -92,15 +107,21 @@ def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     config_path = write_bridge_config(
         base, hs_url, as_port, smtp_port, dns.port, relay.port, extra
     )
-    onb_port = free_port()
+    onb_port, onb_smtp = free_port(), free_port()
     onb_config = write_bridge_config(
-        base, hs_url, onb_port, free_port(), dns.port, relay.port,
+        base, hs_url, onb_port, onb_smtp, dns.port, relay.port,
         {**onboarding_extra(), **(extra or {})}, name="config-onboarding",
+    )
+    strict_port, strict_smtp = free_port(), free_port()
+    strict_config = write_bridge_config(
+        base, hs_url, strict_port, strict_smtp, dns.port, relay.port,
+        {**strict_extra(), **(extra or {})}, name="config-strict",
     )
     synapse = LocalSynapse(
         base_dir=base / "synapse",
         port=hs_port,
-        registration_files=[base / "reg.yaml", base / "reg-onboarding.yaml"],
+        registration_files=[base / "reg.yaml", base / "reg-onboarding.yaml",
+                            base / "reg-strict.yaml"],
         relaxed_rate_limits=True,
     )
     synapse.prepare()
@@ -111,12 +132,16 @@ def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
               smtp_port=smtp_port, max_recipients=MAX_RECIPIENTS, dns=dns, relay=relay)
     # Started by the tests that need it (tests/conftest.py: `onboarding`).
     env.onboarding = BridgeProcess(onb_config, onb_port, base / "bridge-onboarding.log")
+    env.onboarding_smtp_port = onb_smtp
+    env.strict = BridgeProcess(strict_config, strict_port, base / "bridge-strict.log")
+    env.strict_smtp_port = strict_smtp
     return env
 
 
 def stop_stack(env: Env) -> None:
     env.bridge.stop()
     env.onboarding.stop()
+    env.strict.stop()
     env.synapse.stop()
     env.dns.__exit__(None, None, None)
     env.relay.stop()

@@ -179,6 +179,7 @@ class Identities:
         changed = [u for u in device_lists.changed if not self._is_ours(u)]
         if not changed:
             return
+        self.log.debug("Devices changed for %s", changed)
         try:
             async with self.bot.machine._fetch_keys_lock:
                 await self.bot.machine._fetch_keys(changed, include_untracked=False)
@@ -192,6 +193,43 @@ class Identities:
                 await self.on_devices_changed(changed)
             except Exception:
                 self.log.exception("Device change hook failed")
+
+    async def resync_devices(self) -> int:
+        """At start-up: catch up on device changes missed while the bridge was down.
+
+        Synapse keeps only the events of a transaction it could not deliver; the device list
+        changes (and to-device messages) that rode along are dropped. So a phone that signed in
+        while the bridge was stopped would never be told of, and every identity would keep
+        sharing its old session with the old devices. Ask again about everyone we track and
+        rotate where their devices differ from what we stored. Returns how many changed.
+        """
+        users = [u for u in await self._tracked_users() if not self._is_ours(u)]
+        before = await self._device_sets()
+        machine = self.bot.machine
+        for start in range(0, len(users), 100):
+            try:
+                async with machine._fetch_keys_lock:
+                    await machine._fetch_keys(users[start : start + 100], include_untracked=True)
+            except Exception:
+                self.log.exception("Refreshing tracked users' devices failed")
+        after = await self._device_sets()
+        changed = [u for u in users if before.get(u, set()) != after.get(u, set())]
+        for user_id in changed:
+            for room_id in await self.state_store.find_shared_rooms(UserID(user_id)):
+                await self.forget_outbound_sessions(room_id)
+        if changed:
+            self.log.info("Devices of %d user(s) changed while we were away", len(changed))
+        return len(changed)
+
+    async def _tracked_users(self) -> list[str]:
+        rows = await self.db.fetch("SELECT user_id FROM crypto_tracked_user")
+        return [r["user_id"] for r in rows]
+
+    async def _device_sets(self) -> dict[str, set[str]]:
+        sets: dict[str, set[str]] = {}
+        for row in await self.db.fetch("SELECT user_id, device_id FROM crypto_device"):
+            sets.setdefault(row["user_id"], set()).add(row["device_id"])
+        return sets
 
     def _is_ours(self, user_id: str) -> bool:
         return user_id == self.bot.user_id or self.is_ghost(user_id)
