@@ -364,6 +364,8 @@ async def test_delivered_mail_leaves_no_plaintext_and_still_threads(running: Env
 
     path = Path(running.config["database"].removeprefix("sqlite:"))
     assert _files_containing(path, token) == [], "mail content at rest in the bridge database"
+    # Nor in its log, which runs at DEBUG in the tests (every request to the homeserver).
+    assert token not in running.bridge.log_path.read_text(errors="replace")
 
     # The sealed subject and Reply-To/Cc still do their work: the answer threads.
     answer = unique("answer")
