@@ -12,4 +12,12 @@ upgrade_table = UpgradeTable(
     log=logging.getLogger("bridge.db.upgrade"),
 )
 
-from . import v01_initial, v02_email, v03_outbox, v04_onboarding, v05_hold, v07_outbox, v08_at_rest  # noqa: E402,F401,I001
+from . import (  # noqa: E402,F401,I001
+    v01_initial,
+    v02_email,
+    v03_outbox,
+    v04_onboarding,
+    v05_hold,
+    v07_outbox,
+    v08_at_rest,
+)
