@@ -250,7 +250,13 @@ class ElementClient:
         when the key arrives, so this keeps looking until the deadline."""
         deadline = time.monotonic() + timeout
         while True:
-            events = await self.messages(room_id)
+            try:
+                events = await self.messages(room_id)
+            except ElementError as e:
+                # A device that logged in just now may not have synced the room yet.
+                if "unknown room" not in str(e) or time.monotonic() > deadline:
+                    raise
+                events = []
             found = [e for e in events if predicate(e)]
             if len(found) >= count:
                 return found

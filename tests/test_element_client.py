@@ -151,3 +151,19 @@ async def test_encrypted_attachment_downloads_and_decrypts(running: Env,
     plain = await alice.download_decrypted(pdf["file"])
     assert hashlib.sha256(plain).digest() == hashlib.sha256(payload).digest()
     assert await alice.download_raw(pdf["file"]) != payload
+
+
+async def test_restarted_device_keeps_its_keys_and_decrypts_new_mail(
+    running: Env, element: ElementDevices,
+) -> None:
+    user_id, password = await _bare_user(running)
+    alice = await element.login(user_id, password)
+    room_id, first = await _portal(running, alice)
+    device_id = alice.device_id
+    await alice.restart()
+    assert alice.device_id == device_id
+    token = unique("after-restart")
+    await _mail(running, user_id, f"After the reload {token}")
+    msgs = await alice.wait_for_messages(room_id, count=2)
+    assert [m.event_id for m in msgs][0] == first
+    assert token in msgs[-1].body and all(m.decrypted for m in msgs)

@@ -26,7 +26,6 @@ import "fake-indexeddb/auto";
 const sdk = await import("matrix-js-sdk");
 const cryptoApi = await import("matrix-js-sdk/lib/crypto-api/index.js");
 const { logger } = await import("matrix-js-sdk/lib/logger.js");
-logger.setLevel(process.env.ELEMENT_CLIENT_LOG ?? "warn");
 
 let client = null;
 let session = null; // {baseUrl, userId, deviceId, accessToken, password}
@@ -44,8 +43,14 @@ const until = async (check, timeoutMs, what) => {
 };
 
 async function startClient() {
+    // Element keeps its sync state in IndexedDB too. A restart must resume from the saved sync
+    // token: a second initial sync of the same device within two minutes gets Synapse's cached
+    // answer to the first one (rooms joined since then are missing).
+    const store = new sdk.IndexedDBStore({ indexedDB: globalThis.indexedDB, dbName: `element-sync-${session.deviceId}` });
+    await store.startup();
     client = sdk.createClient({
         baseUrl: session.baseUrl,
+        store,
         userId: session.userId,
         deviceId: session.deviceId,
         accessToken: session.accessToken,
@@ -91,6 +96,7 @@ const commands = {
 
     async restart() {
         // Stop syncing and start again on the same device and crypto store (a page reload).
+        await client.store.save(true);
         client.stopClient();
         await startClient();
         return { device_id: session.deviceId };
