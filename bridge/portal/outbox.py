@@ -45,13 +45,16 @@ class Outbox:
     def __init__(self, db: Database, pickle_key: str | None = None) -> None:
         self.db = db
         # None only until app.py passes encryption.pickle_key: new rows are then stored unsealed.
+        # (An outbox that only answers knows_message_id needs no key.)
         self.pickle_key = pickle_key
         self.log = logging.getLogger("bridge.portal.outbox")
-        if pickle_key is None:
-            self.log.warning("Outbox without a pickle key: queued mail is stored unsealed")
+        self._warned = False
 
     def _seal(self, raw: bytes) -> bytes:
         if self.pickle_key is None:
+            if not self._warned:
+                self.log.warning("Outbox without a pickle key: queued mail is stored unsealed")
+                self._warned = True
             return raw
         return seal_bytes(self.pickle_key, SEAL_PURPOSE, raw)
 
