@@ -93,10 +93,11 @@ async def test_prune_deletes_only_old_finished_rows(db: Database) -> None:
     await db.execute(
         "UPDATE outbox SET created_at = created_at - $1 WHERE event_id != '$recent'", 40 * day
     )
-    assert await outbox.prune(30 * day) == 3
+    cutoff = now_ms() - 30 * day  # a cutoff in ms since the epoch, as the retention job gives
+    assert await outbox.prune(cutoff) == 3
     left = {r["event_id"] for r in await db.fetch("SELECT event_id FROM outbox")}
     assert left == {"$pending", "$sending", "$recent"}
-    assert await outbox.prune(30 * day) == 0
+    assert await outbox.prune(cutoff) == 0
 
 
 async def test_sent_since_counts_recipients_per_mail(db: Database) -> None:

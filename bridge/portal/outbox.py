@@ -127,15 +127,15 @@ class Outbox:
         return found is not None
 
     async def prune(self, older_than_ms: int) -> int:
-        """Delete finished rows (sent, failed, cancelled) queued more than older_than_ms ago;
-        the number deleted. Pending and in-flight mail always stays. Keep older_than_ms above
-        the rate window (rows count for the rate limit) and the appservice transaction
-        retention (a row is what stops a replayed event from being mailed twice)."""
-        cutoff = now_ms() - older_than_ms
+        """Delete finished rows (sent, failed, cancelled) queued before older_than_ms (ms since
+        the epoch, as the retention job passes it); the number deleted. Pending and in-flight
+        mail always stays. Keep the retention above the rate window (rows count for the rate
+        limit) and the appservice transaction retention (a row is what stops a replayed event
+        from being mailed twice)."""
         deleted = await self.db.fetch(
             "DELETE FROM outbox WHERE created_at < $1 AND state IN ($2, $3, $4) "
             "RETURNING event_id",
-            cutoff,
+            older_than_ms,
             *FINISHED,
         )
         return len(deleted)
