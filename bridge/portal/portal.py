@@ -139,8 +139,11 @@ class PortalManager:
         mail = await asyncio.to_thread(parse_mail, job.raw, collapse_quotes=self.collapse_quotes)
         conv = self._conversation(mail, job)
         portal = await self._portal_for(job, mail, conv)
-        room_id = await self.ensure_room(portal)
         author = self._author(mail, job)
+        # The ghost's name is set before its room exists, so the invite, the room and the
+        # messages show one name, with no "changed their name" line in between.
+        await self.ghosts.intent(author.address, author.name)
+        room_id = await self.ensure_room(portal)
         if portal.kind == "group":
             # Everyone on the mail is in the conversation, so everyone is in the room (up to
             # MAX_SEATED of them; the text names the rest).
