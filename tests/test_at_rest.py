@@ -20,6 +20,7 @@ from bridge.crypto.sealed import UnsealError
 from bridge.db import TxnLog, checkpoint_wal, is_sqlite, vacuum
 from bridge.email.outbound import RelaySettings
 from bridge.email.queue import InboundQueue, QueuedRecipient
+from bridge.portal.outbox import Outbox
 from bridge.portal.store import MailMessageRow, MessageMap, PortalRow, PortalStore
 from bridge.retention import DAY_MS, Prune, Retention
 from bridge.worker import now_ms
@@ -256,8 +257,10 @@ async def test_retention_runs_every_prune_with_its_own_cutoff(db: Database) -> N
     assert "broken" in calls
 
 
-async def test_retention_prunes_the_transaction_log_and_failed_mail(db: Database) -> None:
-    txn_log, queue = TxnLog(db), InboundQueue(db, KEY)
+async def test_retention_prunes_the_transaction_log_failed_mail_and_the_outbox(
+    db: Database,
+) -> None:
+    txn_log, queue, outbox = TxnLog(db), InboundQueue(db, KEY), Outbox(db, KEY)
     old = now_ms() - 8 * DAY_MS
     await db.execute("INSERT INTO appservice_txn (txn_id, processed_at) VALUES ('old', $1)", old)
     await txn_log.mark("new")
@@ -267,14 +270,26 @@ async def test_retention_prunes_the_transaction_log_and_failed_mail(db: Database
     )
     await queue.finish(queue_id, "@alice:example.org", "failed", "gone for good")
     await db.execute("UPDATE inbound_message SET received_at=$1", old)
+    for event_id in ("$sent", "$pending"):
+        await outbox.add(event_id=event_id, room_id=ROOM, owner="@alice:example.org",
+                         thread_root=event_id, message_id=f"{event_id[1:]}@example.org",
+                         mail_from="alice@example.org", recipients=["bob@example.org"],
+                         raw=b"Subject: x\r\n\r\nx")
+    await outbox.finish("$sent", "sent")
+    await db.execute("UPDATE outbox SET created_at=$1", old)
     retention = Retention(db, [
         Prune("transaction log", txn_log.prune, TxnLog.RETENTION_MS, ("appservice_txn",)),
         Prune("failed inbound mail", queue.prune_failed, 7 * DAY_MS,
               ("inbound_message", "inbound_delivery")),
+        Prune("outbox", outbox.prune, 7 * DAY_MS, ("outbox",)),
     ])
-    assert await retention.prune_all() == {"transaction log": 1, "failed inbound mail": 1}
+    assert await retention.prune_all() == {
+        "transaction log": 1, "failed inbound mail": 1, "outbox": 1,
+    }
     assert not await txn_log.seen("old") and await txn_log.seen("new")
     assert await db.fetchval("SELECT COUNT(*) FROM inbound_message") == 0
+    # What has not left yet stays, however old.
+    assert await db.fetchval("SELECT event_id FROM outbox") == "$pending"
 
 
 async def test_checkpoint_truncates_the_wal_and_deleted_bytes_are_gone(db: Database) -> None:
