@@ -35,13 +35,12 @@ from .permissions import Permissions
 from .portal import Ghosts, GhostStore, PortalManager
 from .portal.outbox import Outbox
 from .portal.outgoing import Outgoing, OutgoingSettings
+from .retention import DAY_MS, Prune, Retention
 
 # The bridge waits this long at most between attempts to reach a homeserver that is down.
 MAX_RETRY_DELAY = 30
 # On shutdown, work already taken from transactions gets this long to finish.
 DRAIN_SECONDS = 15
-# Finished transaction ids are forgotten after TxnLog.RETENTION_MS; check this often.
-PRUNE_INTERVAL = 6 * 3600
 
 
 class StartupError(Exception):
@@ -69,7 +68,7 @@ class Cloakroom:
         self.outbound: OutboundWorker | None = None
         self.onboarding: Onboarding | None = None
         self._stopping = asyncio.Event()
-        self._prune_task: asyncio.Task[None] | None = None
+        self.retention: Retention | None = None
 
     async def start(self) -> None:
         self.log.info("Cloakroom %s starting", __version__)
@@ -84,10 +83,13 @@ class Cloakroom:
         # Before any message is encrypted: devices that appeared while we were down.
         await self.identities.resync_devices()
         self._start_hub(state_store)
+        # Rows from before sealing existed: their plaintext leaves the database now.
+        await self.hub.messages.seal_plain_rows()
+        await self.hub.portals.seal_plain_rows()
         self._start_handlers(state_store)
         await self._start_email()
         self._start_onboarding(state_store)
-        self._prune_task = asyncio.create_task(self._prune_transactions())
+        self._start_retention()
         # From here on, transactions that waited for start-up are processed.
         self.az.started.set()
         self.az.ready = True
@@ -164,6 +166,7 @@ class Cloakroom:
             template=cfg["bridge.username_template"],
             domain=cfg["homeserver.domain"],
         )
+        self.outbox = Outbox(self.db, cfg["encryption.pickle_key"])
         self.hub = PortalManager(
             db=self.db,
             bot=self.az.intent,
@@ -172,10 +175,11 @@ class Cloakroom:
             state_store=state_store,
             email_domain=cfg.email_domain,
             collapse_quotes=cfg["email.collapse_quotes"],
+            pickle_key=cfg["encryption.pickle_key"],
         )
         self.outgoing = Outgoing(
             bot=self.az.intent,
-            outbox=Outbox(self.db),
+            outbox=self.outbox,
             messages=self.hub.messages,
             state=BridgeState(self.db),
             settings=OutgoingSettings(
@@ -185,6 +189,7 @@ class Cloakroom:
                 rate_window_ms=int(cfg["email.outbound.rate_window_seconds"] * 1000),
                 edits=cfg["email.outbound.edits"],
                 may_send=self.permissions.is_user,
+                max_recipients=cfg["email.outbound.max_recipients"],
             ),
             notify=self.hub.notify,
             on_queued=lambda: self.outbound.wake() if self.outbound else None,
@@ -228,9 +233,11 @@ class Cloakroom:
             user_exists=self._user_exists,
             is_reserved_localpart=lambda lp: lp == cfg["appservice.bot_username"]
             or lp.startswith(ghost_prefix),
+            # A loop is mail carrying a Message-ID we generated, nothing else.
+            is_own_message_id=self.outbox.knows_message_id,
         )
         await self.inbound.start()
-        self.outbound = build_outbound(cfg, Outbox(self.db), self.hub)
+        self.outbound = build_outbound(cfg, self.outbox, self.hub)
         if self.outbound:
             await self.outbound.start()
         else:
@@ -308,14 +315,17 @@ class Cloakroom:
             self.log.warning("Could not check whether %s exists: %r", user_id, e)
             return None
 
-    async def _prune_transactions(self) -> None:
+    def _start_retention(self) -> None:
+        """Forget what is no longer needed: old failures, sent mail's rows, transaction ids."""
+        keep_ms = int(self.config["email.retention_days"] * DAY_MS)
         txn_log = TxnLog(self.db)
-        while True:
-            try:
-                await txn_log.prune()
-            except Exception:
-                self.log.exception("Failed to prune the transaction log")
-            await asyncio.sleep(PRUNE_INTERVAL)
+        self.retention = Retention(self.db, [
+            Prune("transaction log", txn_log.prune, TxnLog.RETENTION_MS, ("appservice_txn",)),
+            Prune("failed inbound mail", self.inbound.queue.prune_failed, keep_ms,
+                  ("inbound_message", "inbound_delivery", "delivered_part")),
+            Prune("outbox", self.outbox.prune, keep_ms, ("outbox",)),
+        ])
+        self.retention.start()
 
     async def _wait_for_homeserver(self) -> None:
         delay = 1.0
@@ -335,8 +345,8 @@ class Cloakroom:
 
     async def stop(self) -> None:
         self.log.info("Stopping")
-        if self._prune_task:
-            self._prune_task.cancel()
+        if self.retention:
+            await self.retention.stop()
         if self.inbound:
             await self.inbound.stop()
         if self.outbound:

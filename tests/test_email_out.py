@@ -409,7 +409,6 @@ async def test_from_is_the_global_display_name_and_follows_a_rename(running: Env
     assert parseaddr(mail.message["From"])[0] == "Alice Renamed"
 
 
-@pytest.mark.xfail(strict=True, reason="until app.py creates Outbox(self.db, pickle_key)")
 async def test_queued_mail_is_sealed_in_the_bridge_database(running: Env) -> None:
     alice = await running.new_user()
     correspondent = f"{unique('sealed')}@example.org"

@@ -75,9 +75,10 @@ class PortalManager:
         state_store: PgStateStore,
         email_domain: str,
         collapse_quotes: bool,
+        pickle_key: str,
     ) -> None:
-        self.portals = PortalStore(db)
-        self.messages = MessageMap(db)
+        self.portals = PortalStore(db, pickle_key)
+        self.messages = MessageMap(db, pickle_key)
         self.bot = bot
         self.ghosts = ghosts
         self.sender = sender

@@ -5,7 +5,7 @@ from mautrix.util.async_db import Connection
 from . import upgrade_table
 
 
-@upgrade_table.register(description="Mail held until its reader has a device; raw size kept")
+@upgrade_table.register(index=4, description="Mail held until its reader has a device; raw size kept")
 async def upgrade_v5(conn: Connection) -> None:
     # The raw column is now sealed, so its length is no longer the mail's size: keep the size
     # beside it for the per-mailbox quota of held mail.
