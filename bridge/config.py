@@ -56,6 +56,47 @@ class ConfigError(Exception):
         self.message = message
 
 
+class ConfigErrors(ConfigError):
+    """Several configuration problems, found in one pass: ``errors`` holds each of them."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__(errors[0].key, errors[0].message)
+        self.args = ("; ".join(str(e) for e in errors),)
+        self.errors = errors
+
+
+def problems_of(error: ConfigError) -> list[ConfigError]:
+    """The single problems a ConfigError stands for (one, or each of a ConfigErrors)."""
+    return list(getattr(error, "errors", [error]))
+
+
+def raise_problems(errors: list[ConfigError]) -> None:
+    """Raise the problems found, if any: one as itself, several together."""
+    unique: dict[str, ConfigError] = {}
+    for error in errors:
+        unique.setdefault(error.key, error)  # one report per key: the first is the cause
+    if len(unique) == 1:
+        raise next(iter(unique.values()))
+    if unique:
+        raise ConfigErrors(list(unique.values()))
+
+
+def _read_text(path: Path) -> str:
+    """The config file's text; an unreadable path is a ConfigError that says what -c needs."""
+    try:
+        return path.read_text("utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config", f"{path} does not exist; copy config.sample.yaml") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            "config", f"{path} is a directory; -c takes the path of the config file"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not UTF-8 text; is it the config file?") from None
+    except OSError as e:
+        raise ConfigError("config", f"cannot read {path}: {e.strerror or e}") from None
+
+
 def _yaml() -> YAML:
     yaml = YAML(typ="rt")
     yaml.indent(mapping=4, sequence=4, offset=2)
@@ -128,6 +169,61 @@ def _same_type(default: Any, value: Any) -> bool:
     return True
 
 
+
+def _section_problems(
+    sample: Mapping[str, Any], user: Any, prefix: str = ""
+) -> list[ConfigError]:
+    """A value where the sample has a section (`rate_limit: 5`): the section's keys would
+    silently keep their defaults, so this is an error rather than an unknown key."""
+    found: list[ConfigError] = []
+    if not isinstance(user, Mapping):
+        return found
+    for key, default in sample.items():
+        path = f"{prefix}{key}"
+        if not isinstance(default, Mapping) or path in OPAQUE_KEYS or key not in user:
+            continue
+        value = user[key]
+        if isinstance(value, Mapping):
+            found += _section_problems(default, value, f"{path}.")
+        elif value is not None:  # `section:` left empty means every default
+            found.append(ConfigError(
+                path, f"must be a mapping of keys, got {_type_name(value)} ({value!r})"
+            ))
+    return found
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], known: set[str]) -> list[ConfigError]:
+    """Lay CLOAKROOM_* variables over the values; returns the problems with them."""
+    found: list[ConfigError] = []
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = ".".join(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
+        if key not in known and key.split(".", 1)[0] not in OPAQUE_KEYS:
+            found.append(ConfigError(name, f"environment variable names no config key ({key})"))
+            continue
+        try:
+            value = YAML(typ="safe").load(io.StringIO(raw))
+            _set(data, key, "" if value is None else value)
+        except YAMLError as e:
+            found.append(ConfigError(name, f"not a valid YAML value: {e}"))
+        except ConfigError as e:
+            found.append(ConfigError(name, f"cannot be set: {e}"))
+    return found
+
+
+def _sample_path(sample: Mapping[str, Any], key: str) -> str:
+    """The longest prefix of a problem's key that the sample has ('' when none)."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:end])
+        try:
+            _get(sample, candidate)
+        except KeyError:
+            continue
+        return candidate
+    return ""
+
 class Config:
     """The effective configuration: sample defaults, then the file, then the environment."""
 
@@ -141,10 +237,7 @@ class Config:
         cls, path: str | os.PathLike[str], env: Mapping[str, str] | None = None
     ) -> Config:
         path = Path(path)
-        try:
-            text = path.read_text("utf-8")
-        except FileNotFoundError:
-            raise ConfigError("config", f"{path} does not exist; copy config.sample.yaml") from None
+        text = _read_text(path)
         return cls.from_text(text, env=os.environ if env is None else env, path=path)
 
     @classmethod
@@ -164,8 +257,8 @@ class Config:
     @classmethod
     def _merge(cls, user: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         sample = YAML(typ="safe").load(sample_text())
+        errors = _section_problems(sample, user)
         data: dict[str, Any] = {}
-        warnings = []
         missing = []
         for key, default in _leaves(sample):
             try:
@@ -177,46 +270,82 @@ class Config:
                 data_value = copy.deepcopy(default)
             _set(data, key, data_value)
         known = {key for key, _ in _leaves(sample)}
-        for key, _ in _leaves(user):
-            if key not in known and not any(key.startswith(f"{o}.") for o in OPAQUE_KEYS):
-                warnings.append(f"{key}: unknown key, ignored")
-        for name, raw in sorted(env.items()):
-            if name.startswith(ENV_PREFIX):
-                key = ".".join(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
-                top = key.split(".", 1)[0]
-                if key not in known and top not in OPAQUE_KEYS:
-                    raise ConfigError(name, f"environment variable names no config key ({key})")
-                try:
-                    value = YAML(typ="safe").load(io.StringIO(raw))
-                except YAMLError as e:
-                    raise ConfigError(name, f"not a valid YAML value: {e}") from None
-                _set(data, key, "" if value is None else value)
+        reported = {error.key for error in errors}
+        warnings = [
+            f"{key}: unknown key, ignored"
+            for key, _ in _leaves(user)
+            if key not in known
+            and key not in reported
+            and not any(key.startswith(f"{o}.") for o in OPAQUE_KEYS)
+        ]
+        errors += _apply_env(data, env, known)
         for key in missing:
             try:
                 _get(data, key)
             except KeyError:
-                raise ConfigError(key, "missing; this key is required") from None
+                errors.append(ConfigError(key, "missing; this key is required"))
+                # The sample's value stands in, so the other keys are still checked.
+                _set(data, key, copy.deepcopy(_get(sample, key)))
         config = cls(data)
         config.warnings = warnings
-        config.validate(sample)
+        raise_problems(errors + config.problems(sample))
         return config
 
     def validate(self, sample: Mapping[str, Any], allow_placeholders: bool = False) -> None:
+        raise_problems(self.problems(sample, allow_placeholders))
+
+    def problems(
+        self, sample: Mapping[str, Any], allow_placeholders: bool = False
+    ) -> list[ConfigError]:
+        """Every problem, each naming its key. A key found wrong gets the sample's value in a
+        copy, so the checks of the other keys still run and one pass reports them all."""
+        found = []
+        probe = Config(copy.deepcopy(self._data))
         for key, default in _leaves(sample):
+            problem = self._leaf_problem(key, default, allow_placeholders)
+            if problem:
+                found.append(problem)
+                _set(probe._data, key, copy.deepcopy(default))
+        return found + probe._value_problems(sample)
+
+    def _leaf_problem(self, key: str, default: Any, allow_placeholders: bool) -> ConfigError | None:
+        try:
             value = self[key]
-            if not _same_type(default, value):
-                raise ConfigError(
-                    key, f"must be {_type_name(default)}, got {_type_name(value)} ({value!r})"
-                )
-            if isinstance(value, str) and value.startswith(PLACEHOLDER) and not allow_placeholders:
-                raise ConfigError(
-                    key, "still the placeholder; run `python -m bridge -g` to generate it"
-                )
-            if key in EXAMPLE_VALUES and value == EXAMPLE_VALUES[key]:
-                raise ConfigError(key, f"still the example value {value!r}; set your own")
-            if key in REQUIRED_KEYS and not value:
-                raise ConfigError(key, "must not be empty")
-        self._validate_values()
+        except KeyError:
+            return ConfigError(key, "missing; this key is required")
+        if not _same_type(default, value):
+            return ConfigError(
+                key, f"must be {_type_name(default)}, got {_type_name(value)} ({value!r})"
+            )
+        if isinstance(value, str) and value.startswith(PLACEHOLDER) and not allow_placeholders:
+            return ConfigError(
+                key, "still the placeholder; run `python -m bridge -g` to generate it"
+            )
+        if key in EXAMPLE_VALUES and value == EXAMPLE_VALUES[key]:
+            return ConfigError(key, f"still the example value {value!r}; set your own")
+        if key in REQUIRED_KEYS and not value:
+            return ConfigError(key, "must not be empty")
+        return None
+
+    def _value_problems(self, sample: Mapping[str, Any]) -> list[ConfigError]:
+        """_validate_values, run until it passes. It stops at a problem: that key (its section,
+        if the same check fails again) then takes the sample's value and the checks run again.
+        Changes the values: call it on a copy."""
+        found: list[ConfigError] = []
+        reset: set[str] = set()
+        while True:
+            try:
+                self._validate_values()
+                return found
+            except ConfigError as e:
+                found.append(e)
+                target = _sample_path(sample, e.key)
+                while target in reset and "." in target:
+                    target = target.rpartition(".")[0]
+                if not target or target in reset:
+                    return found  # nothing left to reset: the checks after it cannot run
+                reset.add(target)
+                _set(self._data, target, copy.deepcopy(_get(sample, target)))
 
     def _validate_values(self) -> None:
         for key in ("homeserver.address", "appservice.address"):
@@ -326,9 +455,7 @@ class Config:
 def load_for_registration(path: str | os.PathLike[str], env: Mapping[str, str]) -> Config:
     """Load a config that may still hold the placeholders that -g is about to replace."""
     try:
-        user = YAML(typ="safe").load(Path(path).read_text("utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError("config", f"{path} does not exist; copy config.sample.yaml") from None
+        user = YAML(typ="safe").load(_read_text(Path(path))) or {}
     except YAMLError as e:
         raise ConfigError("config", f"not valid YAML: {e}") from None
     if not isinstance(user, Mapping):
