@@ -76,6 +76,14 @@ async function startClient() {
     // (threadSupport off) so that messages() sees every event of the room in one list.
     await client.startClient({ lazyLoadMembers: true, initialSyncLimit: 20, threadSupport: false });
     await prepared;
+    // The Rust crypto uploads the device's keys in the background, possibly after the first sync.
+    // Until the one-time keys are up, a sender that sees the device cannot open an Olm session to
+    // it (keys/claim comes back empty) and that message's key never reaches this device. A test
+    // that mails right after a login must not race that, so "started" means "keys published".
+    await until(async () => {
+        const counts = await client.http.authedRequest("POST", "/keys/upload", undefined, {});
+        return (counts.one_time_key_counts?.signed_curve25519 ?? 0) > 0;
+    }, 60000, "this device's one-time keys to be uploaded");
 }
 
 const commands = {
