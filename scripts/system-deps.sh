@@ -8,6 +8,7 @@ set -euo pipefail
 # Add postfix, gpg, ... here.
 PACKAGES=(
     "postgresql:compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null"
+    "gnupg:command -v gpg >/dev/null"
 )
 
 missing=()
