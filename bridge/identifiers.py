@@ -42,6 +42,14 @@ def normalize_address(address: str) -> str:
     return address.strip().lower()
 
 
+def is_local_address(address: str, email_domain: str) -> bool:
+    """Whether an email address is one of this bridge's mailboxes (its domain is ours).
+
+    The address-side counterpart of "ours": a local user's mailbox, never a correspondent.
+    """
+    return normalize_address(address).rpartition("@")[2] == email_domain.strip().lower()
+
+
 def ghost_localpart(template: str, address: str) -> str:
     return template.replace("{address}", encode_localpart(normalize_address(address)))
 

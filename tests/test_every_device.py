@@ -37,8 +37,13 @@ def bridge_db(env: Env, config: dict | None = None) -> Path:
 
 
 def query(path: Path, sql: str, *args: object) -> list[tuple]:
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as conn:
+    """Read the bridge's database while it runs (an ordinary WAL reader: read-only URI
+    connections have been seen reading a torn page while the bridge truncates its WAL)."""
+    conn = sqlite3.connect(path, timeout=10)
+    try:
         return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
 
 
 async def until(check: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:

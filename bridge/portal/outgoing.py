@@ -19,7 +19,7 @@ from mautrix.types import MessageEvent, RedactionEvent, RelationType, RoomID, Us
 
 from ..db import BridgeState
 from ..formatter import OutgoingAttachment, OutgoingMail, compose, new_message_id, reply_subject
-from ..identifiers import local_mailbox_address, mailbox_refusal
+from ..identifiers import is_local_address, local_mailbox_address, mailbox_refusal
 from ..worker import now_ms
 from .outbox import Outbox, SentRecently
 from .store import MailMessageRow, MessageMap, PortalRow
@@ -275,14 +275,12 @@ class Outgoing:
     def _address_of(self, user_id: str) -> str | None:
         return local_mailbox_address(user_id, self._homeserver_domain, self.settings.email_domain)
 
-    def _is_ours(self, address: str) -> bool:
-        return address.rpartition("@")[2].lower() == self.settings.email_domain.lower()
 
     def _external(self, addresses: list[str]) -> list[str]:
         """Addresses outside this server, each once (compared without case), in order."""
         kept: dict[str, str] = {}
         for address in addresses:
-            if address and not self._is_ours(address):
+            if address and not is_local_address(address, self.settings.email_domain):
                 kept.setdefault(address.lower(), address)
         return list(kept.values())
 

@@ -28,7 +28,7 @@ from mautrix.util.async_db import Database
 
 from ..crypto import EncryptedSender, NoReadableDevice
 from ..formatter import Address, ParsedMail, describe, parse_dsn, parse_mail, render_message
-from ..identifiers import normalize_address
+from ..identifiers import is_local_address, normalize_address
 from .ghosts import Ghosts
 from .media import upload_encrypted
 from .rooms import create_portal_room, ensure_member
@@ -90,8 +90,8 @@ class PortalManager:
         # create its room.
         self._room_locks: dict[str, asyncio.Lock] = {}
 
-    def is_ours(self, address: str) -> bool:
-        return normalize_address(address).rpartition("@")[2] == self.email_domain
+    def is_local(self, address: str) -> bool:
+        return is_local_address(address, self.email_domain)
 
     async def ensure_encrypted(self, room_id: RoomID) -> None:
         """Rooms we make are encrypted; if a portal's encryption is missing, turn it back on."""
@@ -188,13 +188,13 @@ class PortalManager:
 
     def _author(self, mail: ParsedMail, job: MailJob) -> Address:
         for candidate in (mail.from_, mail.sender):
-            if candidate and candidate.address and not self.is_ours(candidate.address):
+            if candidate and candidate.address and not self.is_local(candidate.address):
                 return candidate
         return Address(name="", address=normalize_address(job.envelope_from) or "unknown@invalid")
 
     def _conversation(self, mail: ParsedMail, job: MailJob) -> Conversation:
         author = self._author(mail, job)
-        externals = [a for a in mail.participants() if a.address and not self.is_ours(a.address)]
+        externals = [a for a in mail.participants() if a.address and not self.is_local(a.address)]
         if not any(a.address == author.address for a in externals):
             externals.insert(0, author)
         if mail.list_id:
@@ -299,13 +299,13 @@ class PortalManager:
 
     def _reply_targets(self, mail: ParsedMail, job: MailJob) -> tuple[list[str], list[str]]:
         """Where an answer to this mail goes: Reply-To (else the author), Cc the others."""
-        reply_to = [a.address for a in mail.reply_to if a.address and not self.is_ours(a.address)]
+        reply_to = [a.address for a in mail.reply_to if a.address and not self.is_local(a.address)]
         if not reply_to:
             reply_to = [self._author(mail, job).address]
         others = [
             a.address
             for a in mail.participants()
-            if a.address and not self.is_ours(a.address) and a.address not in reply_to
+            if a.address and not self.is_local(a.address) and a.address not in reply_to
         ]
         if mail.list_id:
             others = []  # answering a list goes to the list (its Reply-To or author), not to all
@@ -338,7 +338,7 @@ class PortalManager:
         unseated = [
             a.address
             for a in mail.participants()
-            if a.address and not self.is_ours(a.address) and a.address != author.address
+            if a.address and not self.is_local(a.address) and a.address != author.address
         ][MAX_SEATED:]
         if unseated:
             notes.append(f"👥 also on this mail: {len(unseated)} more — " + _some(unseated))
