@@ -22,14 +22,24 @@ from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from ..__main__ import main as bridge_main
-from ..config import load_for_registration, sample_text, write_values
+from ..config import ConfigError, load_for_registration, sample_text, write_values
+from ..exitcodes import EXIT_CONFIG, EXIT_REGISTRATION_PATH
 from ..registration import build as build_registration
 from .sink import MailSink
-from .synapse import LocalSynapse, SynapseError
+from .synapse import LocalSynapse, SynapseError, errcode
 
 DEMO_USER = "demo"
+
+
+class QuickstartError(Exception):
+    """The state directory is in a shape the quickstart cannot repair by itself."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -61,6 +71,16 @@ def _bridge_config(
     """The bridge config: made (with -g) on the first run; the quickstart's own keys are set
     on every run, so a state directory from an older version picks up new ones."""
     config = state / "config.yaml"
+    registration = state / "registration.yaml"
+    if config.is_dir():
+        raise QuickstartError(
+            EXIT_CONFIG, f"{config} is a directory; remove it and the quickstart writes a config"
+        )
+    if registration.is_dir():
+        raise QuickstartError(
+            EXIT_REGISTRATION_PATH,
+            f"{registration} is a directory; remove it and the quickstart writes a registration",
+        )
     fresh = not config.exists()
     if fresh:
         config.write_text(sample_text())
@@ -82,12 +102,12 @@ def _bridge_config(
             "onboarding.guard": "private",
         },
     )
-    registration = state / "registration.yaml"
     if fresh or _registration_outdated(config, registration):
         # A state directory from an older version lacks the guard's namespace: a new
         # registration (fresh tokens too) is fine, since Synapse is only started after this.
-        args = ["-c", str(config), "-g", "-r", str(registration)]
-        code = bridge_main(args if fresh else [*args, "--force"])
+        # Forced when the config is new too: a registration left from before holds tokens the new
+        # config does not.
+        code = bridge_main(["-c", str(config), "-g", "-r", str(registration), "--force"])
         if code:
             raise SystemExit(code)
     return config
@@ -98,19 +118,22 @@ def _registration_outdated(config: Path, registration: Path) -> bool:
     if not registration.exists():
         return True
     wanted = build_registration(load_for_registration(str(config), os.environ), "", "")
-    have = YAML(typ="safe").load(registration.read_text()) or {}
-    have_users = have.get("namespaces", {}).get("users", [])
-    return any(ns not in have_users for ns in wanted["namespaces"]["users"])
+    try:
+        have = YAML(typ="safe").load(registration.read_text("utf-8"))
+        have_users = have["namespaces"]["users"]
+        return any(ns not in have_users for ns in wanted["namespaces"]["users"])
+    except (YAMLError, UnicodeDecodeError, TypeError, KeyError):
+        # Ours to write (Synapse reads it only after this): a broken one is simply replaced.
+        print(f"{registration} is not a valid registration; writing a new one.", file=sys.stderr)
+        return True
 
 
 def _demo_account(state: Path, synapse: LocalSynapse, smtp_port: int) -> dict[str, Any]:
     """The demo user (created once) and the facts `make run` prints."""
     facts_path = state / "quickstart.json"
-    facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
-    if "password" not in facts:
-        password = secrets.token_urlsafe(12)
-        synapse.register_user(DEMO_USER, password)
-        facts["password"] = password
+    facts = _read_facts(facts_path)
+    if not isinstance(facts.get("password"), str):
+        facts["password"] = _new_demo_password(synapse, facts_path)
     facts.update(
         homeserver=synapse.url,
         user_id=f"@{DEMO_USER}:{synapse.server_name}",
@@ -123,6 +146,33 @@ def _demo_account(state: Path, synapse: LocalSynapse, smtp_port: int) -> dict[st
     with os.fdopen(fd, "w") as f:
         json.dump(facts, f, indent=2)
     return facts
+
+
+def _read_facts(path: Path) -> dict[str, Any]:
+    """What an earlier run saved; nothing when the file is missing or unreadable."""
+    try:
+        facts = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        print(f"{path} is unreadable; writing a new one.", file=sys.stderr)
+        return {}
+    return facts if isinstance(facts, dict) else {}
+
+
+def _new_demo_password(synapse: LocalSynapse, facts_path: Path) -> str:
+    """Create the demo user with a new password, or, if it exists (its password was in a
+    quickstart.json that is gone), give it a new one; its devices and rooms stay."""
+    password = secrets.token_urlsafe(12)
+    try:
+        synapse.register_user(DEMO_USER, password)
+    except urllib.error.HTTPError as e:
+        if errcode(e) != "M_USER_IN_USE":
+            raise
+        synapse.set_password(DEMO_USER, password)
+        print(f"{facts_path} was missing, so the existing demo user got a new password.",
+              file=sys.stderr)
+    return password
 
 
 def _start_bridge(config: Path, as_port: int, log_path: Path) -> subprocess.Popen[bytes]:
@@ -184,7 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Port {port} on 127.0.0.1 is in use; stop what uses it or pick another "
                   "with --hs-port/--as-port/--smtp-port/--sink-port.", file=sys.stderr)
             return 1
-    config = _bridge_config(state, args.hs_port, args.as_port, args.smtp_port, args.sink_port)
+    try:
+        config = _bridge_config(state, args.hs_port, args.as_port, args.smtp_port, args.sink_port)
+    except QuickstartError as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
+    except ConfigError as e:
+        print(f"config error in {state / 'config.yaml'}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     sink = MailSink(state / "sent", args.sink_port)
     synapse = LocalSynapse(
         base_dir=state / "synapse",

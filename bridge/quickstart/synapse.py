@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ruamel.yaml import YAML
 
@@ -214,6 +216,36 @@ class LocalSynapse:
                 "mac": mac.hexdigest(),
             },
         )
+
+    def set_password(self, username: str, password: str) -> None:
+        """Give an existing user a new password, keeping their devices.
+
+        The admin API needs an admin's token, and the shared secret only creates users: a
+        throwaway admin is made for the one call, then deactivated (and erased).
+        """
+        admin = f"quickstart-admin-{secrets.token_hex(4)}"
+        token = self.register_user(admin, secrets.token_urlsafe(24), admin=True)["access_token"]
+        user_id = quote(f"@{username}:{self.server_name}")
+        try:
+            self.request(
+                "PUT",
+                f"/_synapse/admin/v2/users/{user_id}",
+                {"password": password, "logout_devices": False},
+                token,
+            )
+        finally:
+            admin_id = quote(f"@{admin}:{self.server_name}")
+            path = f"/_synapse/admin/v1/deactivate/{admin_id}"
+            self.request("POST", path, {"erase": True}, token)
+
+
+def errcode(error: urllib.error.HTTPError) -> str | None:
+    """The Matrix errcode of an error response (M_USER_IN_USE…), if it has one."""
+    try:
+        body = json.loads(error.read() or b"{}")
+    except ValueError:
+        return None
+    return body.get("errcode") if isinstance(body, dict) else None
 
 
 def free_port() -> int:
