@@ -1,9 +1,14 @@
-"""Property tests: `parse_mail` and `render_message` never raise, return well-typed data and never
-let script through, for generated MIME trees, corrupted ones and plain random bytes."""
+"""Property tests: `parse_mail` and `render_message` never raise, return well-typed data, never
+let script through and produce output within a constant factor of their input, for generated MIME
+trees, corrupted ones, deeply nested HTML and plain random bytes. And the linear MIME parser reads
+exactly what the stdlib's reads."""
 
 from __future__ import annotations
 
 import base64
+import email
+import email.message
+import email.policy
 import html as html_lib
 import quopri
 import re
@@ -21,6 +26,8 @@ from bridge.formatter import (
     render_message,
 )
 from bridge.formatter.html import sanitize_html
+from bridge.formatter.mime import parse_bytes
+from bridge.formatter.to_matrix import EVENT_BUDGET
 
 FUZZ = settings(
     max_examples=500,
@@ -333,3 +340,100 @@ def test_sanitize_html_never_lets_script_through(html: str) -> None:
     if "javascript:" not in html_lib.unescape(re.sub(r"<[^>]*>", "", html)).lower():
         # Nor as text, unless the input had it as text: it never leaks out of a tag.
         assert "javascript:" not in html_lib.unescape(cleaned).lower()
+
+
+# --- output stays within a constant factor of the input ----------------------------------------
+
+# Text from HTML: a 4-byte "<br>" may start a line with the capped quote prefix (41 characters);
+# HTML from text escapes each character into at most 6 ("&quot;"). Far below any quadratic growth.
+SIZE_FACTOR = 64
+SIZE_SLACK = 8_192  # problem notes, placeholders, the subject line
+
+
+def assert_linear_output(raw: bytes, mail: ParsedMail) -> None:
+    produced = len(mail.text) + len(mail.html or "") + sum(len(p) for p in mail.problems)
+    assert produced <= SIZE_FACTOR * len(raw) + SIZE_SLACK
+    # Each attachment is a part of the mail, and the original at most once more.
+    assert sum(len(a.data) for a in mail.attachments) <= 2 * len(raw) + SIZE_SLACK
+
+
+@FUZZ
+@given(raw=any_mail, collapse=st.booleans())
+def test_output_size_is_linear_in_input_size(raw: bytes, collapse: bool) -> None:
+    assert_linear_output(raw, parse_mail(raw, collapse_quotes=collapse))
+
+
+NESTING_TAGS = ["blockquote", "ul", "ol", "li", "div", "p", "pre", "a", "b", "table", "td"]
+
+
+@st.composite
+def deep_html(draw: st.DrawFn) -> str:
+    """Nesting up to past MAX_HTML_DEPTH, with a line at each level: where the old converter's
+    output grew with depth × lines."""
+    depth = draw(st.integers(1, 700))
+    tags = draw(st.lists(st.sampled_from(NESTING_TAGS), min_size=1, max_size=4))
+    line = draw(st.sampled_from(["x<br>", "<br>", "t", "<p>p</p>", '<a href="https://e.x">l</a>']))
+    opened = "".join(f"<{tags[i % len(tags)]}>{line}" for i in range(depth))
+    closed = "".join(f"</{tags[i % len(tags)]}>" for i in reversed(range(depth)))
+    return opened + (closed if draw(st.booleans()) else "")
+
+
+@settings(FUZZ, max_examples=60)
+@given(html=deep_html(), collapse=st.booleans())
+def test_deep_html_output_is_linear(html: str, collapse: bool) -> None:
+    raw = b"Content-Type: text/html; charset=utf-8\r\n\r\n" + html.encode()
+    mail = parse_mail(raw, collapse_quotes=collapse)
+    assert_linear_output(raw, mail)
+    for root in (True, False):
+        content = render_message(mail, root=root)
+        assert len(content.body) + len(content.formatted_body or "") <= 2 * EVENT_BUDGET
+
+
+# --- mime.parse_bytes reads exactly what the stdlib parser reads -------------------------------
+
+BOUNDARIES = ["b", "b-", "b--", "a.b", "x" * 70, "=_Part_1", "sp ace"]
+
+
+@st.composite
+def nested_multipart(draw: st.DrawFn, depth: int = 0) -> bytes:
+    """Multiparts that reuse boundaries across levels, close them or not, and put delimiter-like
+    lines ("--b--x", "--b \t", "--b-") in bodies: where outer delimiters end inner parts."""
+    if depth >= 6 or draw(st.booleans()):
+        body = draw(
+            st.lists(
+                st.sampled_from(
+                    ["text", "--b", "--b--", "--b \t", "--b-", "--b--x", "--", "", "-- sig"]
+                ),
+                max_size=5,
+            )
+        )
+        return b"Content-Type: text/plain\r\n\r\n" + "\r\n".join(body).encode()
+    boundary = draw(st.sampled_from(BOUNDARIES))
+    children = draw(st.lists(nested_multipart(depth + 1), max_size=3))
+    out = f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n\r\npreamble\r\n'.encode()
+    ending = draw(st.sampled_from(["\r\n", "\n", " \r\n", "\t\r\n", ""]))
+    for child in children:
+        out += f"--{boundary}{ending}".encode() + child + b"\r\n"
+    if draw(st.booleans()):
+        out += f"--{boundary}--{ending}epilogue\r\n".encode()
+    return out
+
+
+def structure(message: email.message.Message) -> list[object]:
+    return [
+        (
+            part.get_content_type(),
+            part._payload if isinstance(part._payload, str) else len(part._payload),
+            part.preamble,
+            part.epilogue,
+            [type(d).__name__ for d in part.defects],
+        )
+        for part in message.walk()
+    ]
+
+
+@FUZZ
+@given(raw=st.one_of(any_mail, nested_multipart().map(lambda b: b"Subject: x\r\n" + b)))
+def test_linear_parser_reads_what_the_stdlib_reads(raw: bytes) -> None:
+    expected = email.message_from_bytes(raw, policy=email.policy.compat32)
+    assert structure(parse_bytes(raw)) == structure(expected)
