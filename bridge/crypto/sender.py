@@ -28,6 +28,7 @@ from mautrix.types import (
     UserID,
 )
 
+from .account import CryptoAccount
 from .identities import Identities
 
 # How long to wait for a Megolm session that the sender's to-device message has not delivered
@@ -71,9 +72,17 @@ class EncryptedSender:
         encryption is off (it carries nothing private).
         """
         if await self.is_encrypted(intent, room_id):
-            content = await self._encrypt(intent.mxid, room_id, event_type, content)
-            event_type = EventType.ROOM_ENCRYPTED
-        elif self.require_encryption and not allow_plaintext:
+            async with self.identities.using(intent.mxid) as account:
+                encrypted = await self._encrypt(account, room_id, event_type, content)
+                # Sent as the identity's own device (MSC4190 device masquerading), not as the
+                # bare appservice user: Synapse keeps the transaction ids of device requests
+                # in its database, so a retry after a *homeserver* crash is still recognised
+                # and a mail is never posted twice. (Without a device it only remembers them
+                # in memory.) This also skips mautrix's client-side power-level lookups.
+                return await account.client.send_message_event(
+                    room_id, EventType.ROOM_ENCRYPTED, encrypted, txn_id=txn_id
+                )
+        if self.require_encryption and not allow_plaintext:
             raise PlaintextRefused(room_id)
         return await intent.send_message_event(room_id, event_type, content, txn_id=txn_id)
 
@@ -91,22 +100,21 @@ class EncryptedSender:
 
     async def _encrypt(
         self,
-        sender: str,
+        account: CryptoAccount,
         room_id: RoomID,
         event_type: EventType,
         content: Serializable | dict[str, Any],
     ) -> Serializable:
-        async with self.identities.using(sender) as account:
-            # One encryption at a time per sender and room: two concurrent ones could load the
-            # same stored outbound session and emit two messages with the same Megolm index.
-            lock = self._encrypt_locks.setdefault((account.user_id, room_id), asyncio.Lock())
-            async with lock:
-                machine = account.machine
-                try:
-                    return await machine.encrypt_megolm_event(room_id, event_type, content)
-                except EncryptionError:
-                    await self._share_new_session(machine, room_id)
-                    return await machine.encrypt_megolm_event(room_id, event_type, content)
+        # One encryption at a time per sender and room: two concurrent ones could load the
+        # same stored outbound session and emit two messages with the same Megolm index.
+        lock = self._encrypt_locks.setdefault((account.user_id, room_id), asyncio.Lock())
+        async with lock:
+            machine = account.machine
+            try:
+                return await machine.encrypt_megolm_event(room_id, event_type, content)
+            except EncryptionError:
+                await self._share_new_session(machine, room_id)
+                return await machine.encrypt_megolm_event(room_id, event_type, content)
 
     async def _share_new_session(self, machine: OlmMachine, room_id: RoomID) -> None:
         """Start a Megolm session for the room's readers, as their devices are right now.
