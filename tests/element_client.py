@@ -305,16 +305,24 @@ class ElementClient:
     async def bootstrap_cross_signing(self, password: str | None = None,
                                       recovery: bool = False) -> dict[str, Any]:
         """Create and publish this user's cross-signing keys (password UIA) and sign this device.
-        With recovery=True also set up secret storage and return its key as `recovery_key` (for
-        `recover` on another device). On a user who already has cross-signing keys and no
-        recovery, this resets them, as Element's "reset" does."""
+        With recovery=True also set up secret storage and a key backup, as Element's "set up
+        recovery" does, and return the key as `recovery_key` (for `recover` on another device).
+        On a user who already has cross-signing keys and no recovery, this resets them, as
+        Element's "reset" does."""
         return await self._call("bootstrap_cross_signing", password=password or self.password,
                                 recovery=recovery, timeout=120)
 
     async def recover(self, recovery_key: str) -> dict[str, Any]:
-        """Element's "verify with recovery key": fetch the cross-signing keys from secret storage
-        and cross-sign this device."""
+        """Element's "verify with recovery key": fetch the cross-signing keys from secret storage,
+        cross-sign this device, switch the key backup on and restore it (older mail becomes
+        readable). Returns status() plus backup_version, imported, total."""
         return await self._call("recover", recovery_key=recovery_key, timeout=120)
+
+    async def restore_key_backup(self) -> dict[str, Any]:
+        """Restore the key backup again (after recover): {backup_version, imported, total}. Other
+        devices upload to the backup 0-10 s after they get a key (matrix-js-sdk spreads the load),
+        so a test waiting for an old message polls this with a deadline."""
+        return await self._call("restore_key_backup", timeout=120)
 
     async def status(self) -> dict[str, Any]:
         """This device's cross-signing state: cross_signing_ready, device_signed_by_owner, …"""

@@ -135,6 +135,29 @@ async def test_cross_signing_and_recovery_on_a_second_device(running: Env,
                               and e.shield_colour == "NONE")
 
 
+async def test_a_recovered_device_reads_older_mail_from_the_key_backup(
+    running: Env, element: ElementDevices,
+) -> None:
+    user_id, password = await _bare_user(running)
+    a = await element.login(user_id, password, "A")
+    recovery_key = (await a.bootstrap_cross_signing(recovery=True))["recovery_key"]
+    room_id, old = await _portal(running, a)
+    b = await element.login(user_id, password, "B")
+    (before,) = await b.wait_for_messages(room_id, lambda e: e.event_id == old)
+    # B did not exist when that mail came: only the backup can give it the key (Element says
+    # HISTORICAL_MESSAGE_BACKUP_UNCONFIGURED: there is a backup, this device can't use it yet).
+    assert before.decryption_failure == "HISTORICAL_MESSAGE_BACKUP_UNCONFIGURED", before.summary()
+    status = await b.recover(recovery_key)
+    assert status["device_signed_by_owner"] and status["backup_version"], status
+    # A backs the key up 0-10 s after it got it: restore again until B has it (with a deadline).
+    deadline = asyncio.get_running_loop().time() + 60
+    while not any(e.event_id == old and e.decrypted for e in await b.messages(room_id)):
+        assert asyncio.get_running_loop().time() < deadline, "the old mail never came from backup"
+        await b.restore_key_backup()
+    (after,) = await b.wait_for_messages(room_id, lambda e: e.event_id == old and e.decrypted)
+    assert after.shield_colour is not None
+
+
 async def test_encrypted_attachment_downloads_and_decrypts(running: Env,
                                                            element: ElementDevices) -> None:
     user_id, password = await _bare_user(running)

@@ -195,7 +195,9 @@ const commands = {
             // Element's "set up recovery": a secret storage key, with the cross-signing keys in it.
             const key = await crypto_.createRecoveryKeyFromPassphrase();
             recoveryKey = key.privateKey;
-            await crypto_.bootstrapSecretStorage({ createSecretStorageKey: async () => key, setupNewSecretStorage: true });
+            // As Element's "Set up recovery" dialog: with a new key backup (room keys go there).
+            await crypto_.bootstrapSecretStorage({ createSecretStorageKey: async () => key, setupNewSecretStorage: true,
+                                                   setupNewKeyBackup: true });
             encoded = key.encodedPrivateKey;
         }
         return { ...(await status()), recovery_key: encoded };
@@ -209,8 +211,13 @@ const commands = {
         // The signature is uploaded; this device's own view of it comes with the next key query,
         // which the sync's device-list change for our own user sets off.
         await until(async () => (await status()).device_signed_by_owner, 30000, "our device's signature to sync");
-        return status();
+        // Then, as Element does after verification: the backup key from secret storage, the key
+        // backup switched on, and the room keys other devices backed up restored (old mail).
+        const restored = await restoreBackup();
+        return { ...(await status()), ...restored };
     },
+
+    async restore_key_backup() { return restoreBackup(); },
 
     async device_status({ user_id, device_id }) {
         // How this device sees another device (or itself), once its keys are downloaded.
@@ -229,6 +236,15 @@ const commands = {
         return {};
     },
 };
+
+async function restoreBackup() {
+    const c = client.getCrypto();
+    if (!(await c.getKeyBackupInfo())) return { backup_version: null, imported: 0, total: 0 };
+    await c.loadSessionBackupPrivateKeyFromSecretStorage();
+    const check = await c.checkKeyBackupAndEnable();
+    const result = await c.restoreKeyBackup();
+    return { backup_version: check?.backupInfo?.version ?? null, imported: result.imported, total: result.total };
+}
 
 async function status() {
     const c = client.getCrypto();
