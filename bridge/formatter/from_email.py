@@ -766,7 +766,9 @@ def _render_body(body: _Body, collapse: bool) -> tuple[str, str]:
         derived = html_to_text(body.html)
         html = text_to_html(derived)
     elif body.html is not None:
-        html = sanitize_html(collapse_html_quotes(body.html) if collapse else body.html)
+        # Cutting a quote never deepens HTML, so the one check above covers both steps.
+        kept = collapse_html_quotes(body.html, checked=True) if collapse else body.html
+        html = sanitize_html(kept, checked=True)
     if body.plain is not None:
         text = collapse_plain_quotes(body.plain) if collapse else body.plain
     else:

@@ -104,9 +104,10 @@ def _is_outlook_marker(token: Token) -> bool:
     return token.tag == "div" and token.attrs.get("id") in ("divRplyFwdMsg", "appendonsend")
 
 
-def collapse_html_quotes(html: str) -> str:
-    """`html` without a trailing reply quote. The result still needs `sanitize_html`."""
-    if too_deep(html):
+def collapse_html_quotes(html: str, *, checked: bool = False) -> str:
+    """`html` without a trailing reply quote. The result still needs `sanitize_html`.
+    `checked`: the caller knows `html` is not `too_deep`."""
+    if not checked and too_deep(html):
         return html  # sanitize_html will reduce it to text; there is no structure to trust
     normalized = normalize_html(html)
     tokens = tokenize(normalized)
