@@ -11,8 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from bridge.config import sample_text, write_values
-from bridge.exitcodes import EXIT_CRYPTO, EXIT_DATABASE
+from bridge.exitcodes import (
+    EXIT_CONFIG,
+    EXIT_CRYPTO,
+    EXIT_DATABASE,
+    EXIT_REGISTRATION_PATH,
+)
 from bridge.quickstart.synapse import free_port
 
 from .harness import Env, open_dm_with_bot
@@ -40,6 +47,106 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOAKROOM_")}
     env.update(extra)
     return env
+
+
+def _cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True, text=True, timeout=60, cwd=cwd, env=_clean_env(**env),
+    )
+
+
+def _first_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr.splitlines()[0] if proc.stderr else ""
+
+
+def test_config_path_that_is_a_directory_exits_10(tmp_path: Path) -> None:
+    proc = _cli("-c", str(tmp_path))
+    assert proc.returncode == EXIT_CONFIG
+    assert _first_line(proc) == (
+        f"cloakroom: config error in {tmp_path}: config: {tmp_path} is a directory; "
+        "-c takes the path of the config file"
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("regdir", "regdir is a directory; -r takes the path of the file to write"),
+        ("some/dir/", "some/dir/ names a directory (it ends with /)"),
+        ("missing/dir/reg.yaml", "the directory missing/dir of missing/dir/reg.yaml does not"),
+    ],
+)
+def test_generate_into_a_directory_exits_12_and_writes_nothing(
+    tmp_path: Path, target: str, expected: str
+) -> None:
+    config = _config(tmp_path)
+    (tmp_path / "regdir").mkdir()
+    before = config.read_text()
+    proc = _cli("-c", str(config), "-g", "--force", "-r", target, cwd=tmp_path)
+    assert proc.returncode == EXIT_REGISTRATION_PATH
+    assert _first_line(proc).startswith(f"cloakroom: {expected}"), proc.stderr
+    # Neither half of a registration: no new tokens in the config, no temporary file left.
+    assert config.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "regdir"]
+    assert list((tmp_path / "regdir").iterdir()) == []
+
+
+def test_a_number_where_a_section_belongs_exits_10(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    text = config.read_text()
+    # `rate_limit: 5` instead of the section: its limits would silently be the defaults.
+    start = text.index("    rate_limit:\n")
+    end = text.index("\n    # Handing queued mail to Matrix.")
+    config.write_text(text[:start] + "    rate_limit: 5" + text[end:])
+    proc = _cli("-c", str(config))
+    assert proc.returncode == EXIT_CONFIG
+    assert _first_line(proc) == (
+        f"cloakroom: config error in {config}: email.rate_limit: must be a mapping of keys, "
+        "got an integer (5)"
+    )
+
+
+def test_several_config_problems_are_listed_together(tmp_path: Path) -> None:
+    config = _config(
+        tmp_path, **{"appservice.port": "abc", "onboarding.guard": "sometimes",
+                     "email.relay.security": "ssl"},
+    )
+    proc = _cli("-c", str(config))
+    assert proc.returncode == EXIT_CONFIG
+    lines = proc.stderr.splitlines()
+    assert _first_line(proc) == f"cloakroom: 3 problems in {config}, fix each of them:"
+    assert lines[1:] == [
+        "  appservice.port: must be an integer, got a string ('abc')",
+        "  email.relay.security: must be none, starttls or tls",
+        "  onboarding.guard: must be private, dm or off",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["missing-dir", "directory", "not-a-database"])
+def test_unopenable_sqlite_exits_21_with_one_message(tmp_path: Path, kind: str) -> None:
+    """Each a few times: the old failure (a worker thread writing to the closed event loop) was
+    a race. A file that is not a database used to leave a thread that kept the process alive."""
+    path = {
+        "missing-dir": tmp_path / "no" / "such" / "bridge.db",
+        "directory": tmp_path,
+        "not-a-database": tmp_path / "garbage.db",
+    }[kind]
+    if kind == "not-a-database":
+        path.write_bytes(b"this is not SQLite\n" * 300)
+    config = _config(tmp_path, database=f"sqlite:{path}")
+    reason = "unable to open database file"
+    if kind == "not-a-database":
+        reason = "file is not a database"
+    for _ in range(3):
+        # Only the critical line: it must be the first and only thing on stderr.
+        proc = _cli("-c", str(config), CLOAKROOM_LOGGING__ROOT__LEVEL="CRITICAL",
+                    CLOAKROOM_LOGGING__LOGGERS__BRIDGE__LEVEL="CRITICAL")
+        assert proc.returncode == EXIT_DATABASE, proc.stderr
+        first = _first_line(proc)
+        assert first.endswith(f"CRITICAL [bridge] database: cannot open sqlite:{path}: {reason}")
+        assert proc.stderr.splitlines() == [first], "more than the one message"
 
 
 def test_unreachable_database_exits_21_naming_the_key(tmp_path: Path) -> None:
