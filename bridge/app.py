@@ -266,7 +266,7 @@ class Cloakroom:
         )
         self.handler.onboarding = onboarding
         self.handler.bot.onboarding = onboarding  # read by the `checkup` command
-        self.inbound.worker.on_delivered = onboarding.seen
+        self.inbound.worker.on_delivered = onboarding.device_appeared
         # Mail (and the welcome) for someone without a device waits for their first one: a
         # device list change or a join of theirs is the moment to look again.
         holds = self.inbound.worker.holds

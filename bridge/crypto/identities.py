@@ -186,8 +186,7 @@ class Identities:
         except Exception:
             self.log.exception("Refreshing the devices of %d user(s) failed", len(changed))
         for user_id in changed:
-            for room_id in await self.state_store.find_shared_rooms(UserID(user_id)):
-                await self.forget_outbound_sessions(room_id)
+            await self.rotate_sessions_with(user_id)
         if self.on_devices_changed:
             try:
                 await self.on_devices_changed(changed)
@@ -215,8 +214,7 @@ class Identities:
         after = await self._device_sets()
         changed = [u for u in users if before.get(u, set()) != after.get(u, set())]
         for user_id in changed:
-            for room_id in await self.state_store.find_shared_rooms(UserID(user_id)):
-                await self.forget_outbound_sessions(room_id)
+            await self.rotate_sessions_with(user_id)
         if changed:
             self.log.info("Devices of %d user(s) changed while we were away", len(changed))
         return len(changed)
@@ -233,6 +231,14 @@ class Identities:
 
     def _is_ours(self, user_id: str) -> bool:
         return user_id == self.bot.user_id or self.is_ghost(user_id)
+
+    async def rotate_sessions_with(self, user_id: str) -> None:
+        """Every identity starts a new Megolm session in every room it shares with user_id."""
+        await self.db.execute(
+            "DELETE FROM crypto_megolm_outbound_session WHERE room_id IN "
+            "(SELECT room_id FROM mx_user_profile WHERE user_id=$1)",
+            user_id,
+        )
 
     async def forget_outbound_sessions(self, room_id: str) -> None:
         """Membership changed: every identity starts a new Megolm session in this room."""

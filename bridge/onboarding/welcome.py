@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -35,6 +36,8 @@ from .local_users import LocalUser, LocalUserStore, now_ms
 from .report import render_nudge, render_report, render_welcome
 
 DAY_MS = 24 * 3600 * 1000
+# A user seen without any device is asked about again after this long at the earliest.
+RECHECK_S = 300
 
 
 class Onboarding:
@@ -64,6 +67,9 @@ class Onboarding:
         # Users already greeted (or being greeted) by this process: the check on every event
         # must not cost a database query.
         self._greeted: set[str] = set()
+        # Users found without a device that could read a welcome, and when: not asked again on
+        # every event of theirs, only after RECHECK_S or a sign of a new device.
+        self._no_device: dict[str, float] = {}
         # One piece of work per user at a time: a welcome, a nudge decision or a checkup.
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -93,12 +99,23 @@ class Onboarding:
 
     # The welcome -----------------------------------------------------------------------------
 
-    async def seen(self, user_id: str) -> None:
-        """A user did something the bridge saw. Cheap and never raises: called per event."""
+    async def seen(self, user_id: str, *, device_hint: bool = False) -> None:
+        """A user did something the bridge saw. Cheap and never raises: called per event.
+
+        ``device_hint``: they may just have got their first device (their held mail was
+        released, or their device list changed), so look again even if we looked recently.
+        """
         if not self.welcome or user_id in self._greeted or not self.eligible(user_id):
             return
+        waiting_since = self._no_device.get(user_id)
+        if not device_hint and waiting_since and time.monotonic() - waiting_since < RECHECK_S:
+            return  # e.g. another appservice's puppet: don't ask the homeserver per event
         self._greeted.add(user_id)
         self._spawn(self._welcome(user_id))
+
+    async def device_appeared(self, user_id: str) -> None:
+        """Held mail was released for user_id: a device exists, and a held welcome may go."""
+        await self.seen(user_id, device_hint=True)
 
     async def _welcome(self, user_id: str) -> None:
         try:
@@ -122,8 +139,10 @@ class Onboarding:
             # forgotten, so their first device (a device list change, their held mail being
             # released, or any event of theirs) brings it, encrypted to that device.
             self._greeted.discard(user_id)
+            self._no_device[user_id] = time.monotonic()
             self.log.info("Not welcoming %s yet: no device that could read it", user_id)
             return
+        self._no_device.pop(user_id, None)
         report = await self.checkup.report(user_id)
         # A DM created by an earlier attempt that failed before the message is reused.
         room_id = RoomID(row.dm_room_id) if row and row.dm_room_id else None
@@ -173,7 +192,8 @@ class Onboarding:
         """Device list changes from a transaction (MSC3202): look for unverified new sessions."""
         for user_id in lists.changed or []:
             if self.eligible(user_id):
-                await self.seen(user_id)  # a first device may be what a held welcome waits for
+                # A first device may be what a held welcome waits for.
+                await self.seen(user_id, device_hint=True)
                 self._spawn(self._check_devices(user_id))
 
     async def _check_devices(self, user_id: str) -> None:
