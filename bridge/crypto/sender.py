@@ -138,13 +138,22 @@ class EncryptedSender:
     # Who can read --------------------------------------------------------------------------
 
     async def refresh_devices(self, users: list[UserID]) -> None:
-        """Ask the homeserver for these users' devices (and cross-signing keys) now."""
+        """Ask the homeserver for these users' devices (and cross-signing keys) now.
+
+        A device seen here for the first time counts as a device list change: every identity's
+        session in the rooms shared with its owner is rotated, not only the bot's (which is
+        all mautrix itself would do)."""
         machine = self.identities.bot.machine
+        store = machine.crypto_store
+        before = {u: set((await store.get_devices(u)) or ()) for u in users}
         for start in range(0, len(users), KEYS_QUERY_BATCH):
             async with machine._fetch_keys_lock:
                 await machine._fetch_keys(
                     users[start : start + KEYS_QUERY_BATCH], include_untracked=True
                 )
+        for user_id in users:
+            if set((await store.get_devices(user_id)) or ()) != before[user_id]:
+                await self.identities.rotate_sessions_with(user_id)
 
     async def readable(self, users: list[UserID], *, refresh: bool = True) -> set[UserID]:
         """Those of users with at least one device that would be given the room keys."""
