@@ -7,20 +7,61 @@ mautrix's AppService does the parsing; this subclass tightens what it accepts:
 * finished transaction ids are stored in the database, so a transaction replayed after a restart
   is acknowledged without being processed twice;
 * transactions wait until the bridge has finished starting (crypto ready) instead of being
-  handled half-initialised; Synapse simply sees a slower answer.
+  handled half-initialised; Synapse simply sees a slower answer;
+* bodies up to MAX_TRANSACTION_BYTES are taken (aiohttp's default of 1 MiB would answer 413 to
+  a full transaction, and Synapse would retry it forever);
+* every event of a transaction gets its turn: a handler that crashes on one event is logged with
+  the event's ID and the others are still handled. A handler that could not *record* an event
+  it must not lose raises :class:`MustRetry`: the transaction is then answered 500, not marked,
+  and Synapse sends it again;
+* work that must only start once the transaction is recorded as done waits for
+  ``current_transaction().done`` (set after the mark, see matrix.inbox).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from mautrix.appservice import AppService
+from mautrix.types import Event, EventType
 
 from ..db import TxnLog
+
+# Synapse sends up to 100 PDUs and 100 EDUs plus to-device messages per transaction; a single
+# PDU may be 64 KiB. Generous, and still a bound.
+MAX_TRANSACTION_BYTES = 64 * 1024 * 1024
+
+log = logging.getLogger("bridge.as.txn")
+
+
+class MustRetry(Exception):
+    """Raised by an event handler that could not record an event it must not lose."""
+
+
+@dataclass
+class IncomingTransaction:
+    """The transaction being handled; `done` is set once it is recorded as processed."""
+
+    txn_id: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    must_retry: bool = False
+
+
+_current: contextvars.ContextVar[IncomingTransaction | None] = contextvars.ContextVar(
+    "cloakroom_transaction", default=None
+)
+
+
+def current_transaction() -> IncomingTransaction | None:
+    """The transaction whose events are being dispatched (None outside a transaction)."""
+    return _current.get()
 
 
 def _error(status: type[web.HTTPException], errcode: str, message: str) -> web.HTTPException:
@@ -31,7 +72,9 @@ def _error(status: type[web.HTTPException], errcode: str, message: str) -> web.H
 
 class BridgeAppService(AppService):
     def __init__(self, *args: Any, txn_log: TxnLog, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        aiohttp_params = dict(kwargs.pop("aiohttp_params", None) or {})
+        aiohttp_params.setdefault("client_max_size", MAX_TRANSACTION_BYTES)
+        super().__init__(*args, aiohttp_params=aiohttp_params, **kwargs)
         self.txn_log = txn_log
         self.started = asyncio.Event()
         # Run the state-store update and our dispatcher in order, per transaction; the
@@ -83,6 +126,42 @@ class BridgeAppService(AppService):
         # One transaction at a time: Synapse sends them in order and waits for each, and the
         # lock makes the replay check and the mark below atomic if one is retried concurrently.
         async with self._txn_lock:
-            response = await super()._http_handle_transaction(request)
-            await self.txn_log.mark(request.match_info["transaction_id"])
-            return response
+            txn = IncomingTransaction(request.match_info["transaction_id"])
+            token = _current.set(txn)
+            try:
+                response = await super()._http_handle_transaction(request)
+                if txn.must_retry:
+                    # mautrix remembers it in memory; it must be handled again when resent.
+                    self.transactions.discard(txn.txn_id)
+                    raise _error(
+                        web.HTTPInternalServerError, "M_UNKNOWN", "Could not record every event"
+                    )
+                await self.txn_log.mark(txn.txn_id)
+                return response
+            finally:
+                _current.reset(token)
+                txn.done.set()
+
+    async def handle_matrix_event(self, event: Event, ephemeral: bool = False) -> None:
+        """Like mautrix's, but one event's crash never ends the transaction's other events."""
+        if ephemeral:
+            event.type = event.type.with_class(EventType.Class.EPHEMERAL)
+        elif getattr(event, "state_key", None) is not None:
+            event.type = event.type.with_class(EventType.Class.STATE)
+        else:
+            event.type = event.type.with_class(EventType.Class.MESSAGE)
+        for handler in self.event_handlers:
+            try:
+                await handler(event)
+            except MustRetry:
+                log.exception("Could not record %s; the transaction will be retried", _name(event))
+                txn = _current.get()
+                if txn is not None:
+                    txn.must_retry = True
+            except Exception:
+                log.exception("Failed to handle %s", _name(event))
+
+
+def _name(event: Event) -> str:
+    event_id = getattr(event, "event_id", None) or "an ephemeral event"
+    return f"{event_id} ({event.type}) in {getattr(event, 'room_id', None)}"

@@ -10,36 +10,49 @@ from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.errors import IntentError, MForbidden
 from mautrix.types import (
     EncryptionAlgorithm,
+    EventID,
+    InReplyTo,
     EventType,
     Format,
     Membership,
     MessageEvent,
     MessageType,
+    RelatesTo,
     RelationType,
     RoomEncryptionStateEventContent,
     RoomID,
     StateEvent,
     TextMessageEventContent,
+    UserID,
 )
 
 from ..crypto import CryptoAccount, EncryptedSender, PlaintextRefused
 from ..permissions import Level, Permissions
 from ..portal import PortalManager
-from . import (
-    commands_checkup,  # noqa: F401  (registers `checkup`)
-    commands_guard,  # noqa: F401  (registers `guard`)
-)
-from .commands import CommandEvent, registry
+from .commands import CORE_COMMANDS, CommandEvent, CommandRegistry
+from .commands_checkup import CHECKUP_COMMANDS
+from .commands_guard import GUARD_COMMANDS
+from .direct import room_is_direct_chat
+from .protocols import CheckupService, RoomGuard
 
 ENCRYPTION_OFF = (
     "I couldn't turn on encryption here because I don't have permission to change this room's "
     "settings, and I only talk in encrypted rooms. Please turn it on: Room settings → Security & "
     "Privacy → Encrypted."
 )
+UNDECRYPTABLE = (
+    "⚠ I could not read your message{what}: your client did not send me its keys in time. "
+    "Check that your session is verified, then send it again."
+)
 REFUSAL = (
     "Sorry, you are not allowed to use Cloakroom on this homeserver. "
     "If you think you should be, ask your homeserver admin."
 )
+
+
+def default_commands() -> CommandRegistry:
+    """Every command the bot knows, registered here and nowhere else."""
+    return CommandRegistry.of(*CORE_COMMANDS, *CHECKUP_COMMANDS, *GUARD_COMMANDS)
 
 
 class Bot:
@@ -55,8 +68,15 @@ class Bot:
         homeserver_address: str,
         homeserver_domain: str,
         hub: PortalManager | None = None,
+        commands: CommandRegistry | None = None,
+        guard: RoomGuard | None = None,
+        onboarding: CheckupService | None = None,
     ) -> None:
         self.hub = hub
+        self.commands = commands if commands is not None else default_commands()
+        # Injected by app.py (also set as attributes there); read by `guard` and `checkup`.
+        self.guard = guard
+        self.onboarding = onboarding
         self.intent = intent
         self.crypto = crypto
         self.sender = sender
@@ -152,7 +172,7 @@ class Bot:
         text = _strip_reply_fallback(evt.content.body).strip()
         if text.lower().startswith(self.command_prefix.lower()):
             text = text[len(self.command_prefix) :].strip()
-        elif not await self._is_direct(evt.room_id):
+        elif not await room_is_direct_chat(self.state_store, evt.room_id):
             return  # ordinary conversation in a shared room is not for us
         if not text:
             return
@@ -164,7 +184,7 @@ class Bot:
             name, *args = shlex.split(text)
         except ValueError:
             name, *args = text.split()
-        cmd = registry.get(name)
+        cmd = self.commands.get(name)
         if cmd is None or level < cmd.level:
             await self.notice(
                 evt.room_id, f"Unknown command {name!r}. Send `help` to see what I can do."
@@ -173,16 +193,22 @@ class Bot:
         self.log.getChild(evt.room_id).debug("%s ran %s", evt.sender, cmd.name)
         await cmd.handler(CommandEvent(self, evt.room_id, evt.sender, level, cmd.name, args))
 
-    async def _is_direct(self, room_id: RoomID) -> bool:
-        members = await self.state_store.get_members(room_id, memberships=(Membership.JOIN,))
-        return len(members) <= 2
-
-    async def tell_undecryptable(self, room_id: RoomID) -> None:
-        await self.notice(
-            room_id,
-            "⚠ I couldn't decrypt your last message: your client hasn't sent me its keys. "
-            "Check that your session is verified and try again.",
+    async def tell_undecryptable(
+        self, room_id: RoomID, sender: UserID, event_id: EventID | None = None, *,
+        mailed: bool = False,
+    ) -> None:
+        """Say, replying to it, that a message could not be read (and so was not mailed)."""
+        content = TextMessageEventContent(
+            msgtype=MessageType.NOTICE,
+            body=f"{sender}: " + UNDECRYPTABLE.format(what=", so it was not mailed" if mailed
+                                                       else ""),
         )
+        if event_id:
+            content.relates_to = RelatesTo(in_reply_to=InReplyTo(event_id=event_id))
+        try:
+            await self.sender.send(self.intent, room_id, content)
+        except PlaintextRefused:
+            await self.notice(room_id, ENCRYPTION_OFF, plain_ok=True)
 
 
 def _strip_reply_fallback(body: str) -> str:

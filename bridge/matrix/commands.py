@@ -1,4 +1,9 @@
-"""Bot commands: small functions registered with their own help text."""
+"""Bot commands: small functions with their own help text.
+
+Each command module lists its commands in a tuple (``CORE_COMMANDS`` here); the bot builds its
+registry from those tuples explicitly (matrix.bot.default_commands). Importing a module
+registers nothing.
+"""
 
 from __future__ import annotations
 
@@ -47,28 +52,26 @@ class Command:
 class CommandRegistry:
     commands: dict[str, Command] = field(default_factory=dict)
 
-    def register(
-        self, name: str, help: str, usage: str = "", level: Level = Level.USER
-    ) -> Callable[[Handler], Handler]:
-        def decorator(fn: Handler) -> Handler:
-            self.commands[name] = Command(name, fn, help, usage, level)
-            return fn
+    @classmethod
+    def of(cls, *commands: Command) -> CommandRegistry:
+        registry = cls()
+        for cmd in commands:
+            registry.add(cmd)
+        return registry
 
-        return decorator
+    def add(self, cmd: Command) -> None:
+        if cmd.name in self.commands:
+            raise ValueError(f"command {cmd.name!r} registered twice")
+        self.commands[cmd.name] = cmd
 
     def get(self, name: str) -> Command | None:
         return self.commands.get(name.lower())
 
 
-registry = CommandRegistry()
-command = registry.register
-
-
-@command("help", "Show this list of commands.")
 async def help_command(evt: CommandEvent) -> None:
     lines = []
     html_lines = []
-    for cmd in registry.commands.values():
+    for cmd in evt.bot.commands.commands.values():
         if evt.level < cmd.level:
             continue
         usage = f"{cmd.name} {cmd.usage}".strip()
@@ -88,7 +91,6 @@ def _yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
 
-@command("status", "Show the bridge version, its encryption device and this room's encryption.")
 async def status_command(evt: CommandEvent) -> None:
     bot = evt.bot
     cross_signed = await bot.crypto.is_cross_signed_on_server()
@@ -122,11 +124,6 @@ def parse_new(args: list[str]) -> tuple[list[str], str]:
     return addresses, " ".join(rest).strip()
 
 
-@command(
-    "new",
-    "Start an email conversation: creates an encrypted room where what you write is mailed.",
-    usage="<address>[, <address>…] <subject>",
-)
 async def new_command(evt: CommandEvent) -> None:
     addresses, subject = parse_new(evt.args)
     if not addresses:
@@ -150,3 +147,13 @@ async def new_command(evt: CommandEvent) -> None:
         f"Created the conversation with {html.escape(', '.join(valid))}: "
         f'<a href="{html.escape(link)}">open it</a> — accept the invite and write there.',
     )
+
+
+CORE_COMMANDS = (
+    Command("help", help_command, "Show this list of commands."),
+    Command("status", status_command,
+            "Show the bridge version, its encryption device and this room's encryption."),
+    Command("new", new_command,
+            "Start an email conversation: creates an encrypted room where what you write is "
+            "mailed.", usage="<address>[, <address>…] <subject>"),
+)

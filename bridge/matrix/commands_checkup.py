@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from mautrix.types import Membership
-
-from .commands import CommandEvent, command
-
-if TYPE_CHECKING:
-    from ..onboarding.welcome import Onboarding
+from .commands import Command, CommandEvent
+from .direct import room_is_direct_chat
 
 OFF_REPLY = (
     "Reminders are off: I won't write to you unasked any more. Send “checkup” whenever you want "
@@ -28,15 +22,9 @@ def _days(interval_ms: int) -> str:
     return f"{days:g} days"
 
 
-@command(
-    "checkup",
-    "Check your encryption: cross-signing, unverified sessions, key backup. "
-    "“checkup off” stops my unsolicited reminders, “checkup on” resumes them.",
-    usage="[on|off]",
-)
 async def checkup_command(evt: CommandEvent) -> None:
-    # Set by the app (bridge.app) when it starts; a Bot built without it has no checkup.
-    onboarding: Onboarding | None = getattr(evt.bot, "onboarding", None)
+    # Injected by the app (bridge.app); a Bot built without it has no checkup.
+    onboarding = evt.bot.onboarding
     if onboarding is None:
         await evt.reply("The security checkup is not available on this bridge.")
         return
@@ -49,15 +37,19 @@ async def checkup_command(evt: CommandEvent) -> None:
         await evt.reply(ON_REPLY.format(days=_days(onboarding.nudge_interval_ms)))
     elif arg:
         await evt.reply("Usage: checkup [on|off]")
-    elif not await _is_direct(evt):
+    elif not await room_is_direct_chat(evt.bot.state_store, evt.room_id):
         # The report names the user's sessions: not for the other people in this room.
         await evt.reply("Ask me for a checkup in a direct chat with me: it lists your sessions.")
     else:
         await evt.reply(*await onboarding.run_checkup(evt.sender))
 
 
-async def _is_direct(evt: CommandEvent) -> bool:
-    members = await evt.bot.state_store.get_members(
-        evt.room_id, memberships=(Membership.JOIN, Membership.INVITE)
-    )
-    return len(members) <= 2
+CHECKUP_COMMANDS = (
+    Command(
+        "checkup",
+        checkup_command,
+        "Check your encryption: cross-signing, unverified sessions, key backup. "
+        "“checkup off” stops my unsolicited reminders, “checkup on” resumes them.",
+        usage="[on|off]",
+    ),
+)

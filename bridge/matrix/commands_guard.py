@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from mautrix.types import RoomID
 
-from .commands import CommandEvent, command
-
-if TYPE_CHECKING:
-    from ..onboarding.guard import EncryptionGuard
+from .commands import Command, CommandEvent
 
 USAGE = "Usage: guard ignore [room ID] — without a room ID, this room."
 
 
-@command(
-    "guard",
-    "Keep the encryption guard out of a room: this one, or the one whose ID you give.",
-    usage="ignore [room ID]",
-)
 async def guard_command(evt: CommandEvent) -> None:
-    # app.py sets bot.guard when onboarding.guard is not off.
-    guard: EncryptionGuard | None = getattr(evt.bot, "guard", None)
+    # Injected by app.py when onboarding.guard is not off.
+    guard = evt.bot.guard
     if guard is None:
         await evt.reply("The encryption guard is off on this homeserver: it never acts anywhere.")
         return
@@ -33,3 +23,13 @@ async def guard_command(evt: CommandEvent) -> None:
     # Naming another room (from the bot's DM) needs proof of membership; this room does not.
     answer = await guard.ignore(room_id, evt.sender, check_member=room_id != evt.room_id)
     await evt.reply(answer)
+
+
+GUARD_COMMANDS = (
+    Command(
+        "guard",
+        guard_command,
+        "Keep the encryption guard out of a room: this one, or the one whose ID you give.",
+        usage="ignore [room ID]",
+    ),
+)
