@@ -18,6 +18,7 @@ from . import (  # noqa: E402,F401,I001
     v03_outbox,
     v04_onboarding,
     v05_hold,
+    v06_matrix_inbox,
     v07_outbox,
     v08_at_rest,
 )
