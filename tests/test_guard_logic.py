@@ -15,13 +15,21 @@ from mautrix.types import (
 )
 from mautrix.util.async_db import Database
 
-from bridge.onboarding.guard import ENCRYPTED, NOTIFIED, EncryptionGuard
+from bridge.onboarding.guard import (
+    ENCRYPTED,
+    NOT_A_PERSON,
+    NOTIFIED,
+    EncryptionGuard,
+    OwnDevices,
+)
 from bridge.permissions import Permissions
 
 ALICE = UserID("@alice:hs")
 BOB = UserID("@bob:hs")
 MALLORY = UserID("@mallory:hs")  # not permitted
 BOT = UserID("@cloakroom:hs")
+PUPPET = UserID("@telegram_123:hs")  # another appservice's user: permitted, but no device
+EVE = UserID("@eve:elsewhere")  # a remote stranger
 ROOM = RoomID("!room:hs")
 
 
@@ -34,6 +42,7 @@ class World:
     direct: dict[UserID, dict[str, list[str]]] = field(default_factory=dict)
     fail_encryption: bool = False
     reads: list[str] = field(default_factory=list)  # what the guard fetched
+    not_people: set[UserID] = field(default_factory=lambda: {PUPPET})  # no device of their own
 
     def room(
         self, room_id: RoomID = ROOM, creator: UserID = ALICE, join_rule: str = "invite",
@@ -140,6 +149,9 @@ def make_guard(world: World, db: Database, mode: str = "private",
     async def notify(room_id: RoomID, text: str, html: str) -> None:
         world.actions.append((BOT, "message", room_id, text))
 
+    async def is_person(user_id: UserID) -> bool:
+        return user_id not in world.not_people
+
     return EncryptionGuard(
         mode=mode,
         intent_for=lambda mxid: FakeIntent(world, mxid, store),
@@ -148,6 +160,7 @@ def make_guard(world: World, db: Database, mode: str = "private",
         db=db,
         ignore_rooms=ignore_rooms,
         notify=notify,
+        is_person=is_person,
     )
 
 
@@ -252,16 +265,94 @@ async def test_who_turns_encryption_on(db: Database) -> None:
 
 
 async def test_dm_mode_acts_only_in_direct_chats(db: Database) -> None:
+    """One definition of a direct chat (bridge.matrix.direct): exactly two people in it."""
     world = World()
     group = world.room(RoomID("!group:hs"), members=(ALICE, BOB, BOT))
     flagged = world.room(RoomID("!flagged:hs"), members=(ALICE, BOB), direct=True)
-    listed = world.room(RoomID("!listed:hs"), members=(ALICE, BOB))
     plain = world.room(RoomID("!plain:hs"), members=(ALICE, BOB))
-    world.direct[ALICE] = {BOB: [listed]}
+    alone = world.room(RoomID("!alone:hs"), members=(ALICE,))
     guard = make_guard(world, db, mode="dm")
-    for room_id in (group, flagged, listed, plain):
+    for room_id in (group, flagged, plain, alone):
         await guard.handle_event(last_creation_event(world, room_id))
-    assert sorted({room for _, room, _ in world.did("state")}) == sorted([flagged, listed])
+    assert sorted({room for _, room, _ in world.did("state")}) == sorted([flagged, plain])
+    assert world.reads.count("all") == 4 and "m.direct" not in world.reads
+
+
+async def test_never_acts_for_other_appservices_users_or_in_their_rooms(db: Database) -> None:
+    world = World()
+    # Another bridge's portal: its puppet created it; Alice (who has the power) joins.
+    portal = world.room(RoomID("!portal:hs"), creator=PUPPET, members=(PUPPET, ALICE),
+                        levels={ALICE: 100})
+    guard = make_guard(world, db)
+    await guard.handle_event(world.event("m.room.member", ALICE, {"membership": "join"},
+                                         state_key=ALICE, room_id=portal))
+    assert world.actions == []
+    assert await guard.store.outcome(portal) == NOT_A_PERSON
+    # The puppet joining (or creating) a room of its own: never acted for.
+    own = world.room(RoomID("!own:hs"), creator=PUPPET, members=(PUPPET,))
+    await guard.handle_event(last_creation_event(world, own))
+    assert world.actions == []
+    # The puppet saying a guard command in plaintext: not answered in its name.
+    evt = MessageEvent.deserialize({
+        "type": "m.room.message", "sender": PUPPET, "room_id": own, "event_id": "$c",
+        "origin_server_ts": 1, "content": {"msgtype": "m.text", "body": "!cloakroom guard ignore"},
+    })
+    await guard.handle_room_command(evt)
+    assert world.actions == [] and not await guard.store.is_ignored(own)
+
+
+async def test_a_strangers_invite_into_someone_elses_room_triggers_nothing(
+    db: Database,
+) -> None:
+    world = World()
+    # A remote stranger creates an unencrypted room and invites Alice, who has not joined.
+    room = world.room(RoomID("!eve:elsewhere"), creator=EVE, members=(EVE,))
+    guard = make_guard(world, db)
+    await guard.handle_event(world.event("m.room.member", EVE, {"membership": "invite"},
+                                         state_key=ALICE, room_id=room))
+    assert world.actions == [] and world.reads == []
+    # Bob, a local person with the power in Eve's room, invites Alice there: not his room.
+    room = world.room(RoomID("!eve2:elsewhere"), creator=EVE, members=(EVE, BOB),
+                      levels={BOB: 100})
+    await guard.handle_event(world.event("m.room.member", BOB, {"membership": "invite"},
+                                         state_key=ALICE, room_id=room))
+    assert world.actions == []
+    assert ("m.room.member", ALICE) in world.state[room]  # Alice is invited, not joined
+    # Bob inviting into a room he created is his own room: the guard looks after it.
+    mine = world.room(RoomID("!bob:hs"), creator=BOB, members=(BOB,))
+    await guard.handle_event(world.event("m.room.member", BOB, {"membership": "invite"},
+                                         state_key=ALICE, room_id=mine))
+    assert [(who, k) for who, k, _, _ in world.actions] == [(BOB, "message"), (BOB, "state")]
+
+
+class FakeApi:
+    def __init__(self, devices: dict[UserID, list[dict[str, Any]]], user: UserID) -> None:
+        self.devices, self.user = devices, user
+        self.calls = 0
+
+    async def request(self, method: Any, path: Any) -> dict[str, Any]:
+        assert str(path).endswith("/devices")
+        self.calls += 1
+        return {"devices": self.devices.get(self.user, [])}
+
+
+async def test_a_person_is_someone_with_a_device_they_used() -> None:
+    devices = {
+        ALICE: [{"device_id": "A", "last_seen_ts": 1700000000000, "last_seen_ip": "::1"}],
+        PUPPET: [{"device_id": "MSC4190", "last_seen_ts": None}],  # made by its appservice
+    }
+    apis: dict[UserID, FakeApi] = {}
+
+    class Intent:
+        def __init__(self, user: UserID) -> None:
+            self.api = apis.setdefault(user, FakeApi(devices, user))
+
+    check = OwnDevices(Intent)
+    assert await check(ALICE) and await check(ALICE)
+    assert apis[ALICE].calls == 1  # a person stays a person
+    assert not await check(PUPPET)
+    assert not await check(BOB)  # never logged in: no device at all
+    assert not await check(PUPPET) and apis[PUPPET].calls == 1  # asked again only later
 
 
 async def test_a_failed_enable_is_retried_without_a_second_notice(db: Database) -> None:

@@ -13,9 +13,21 @@ sends ``m.room.encryption`` as the local user (who has the power in rooms they c
 the room's creator if the guard serves them, else as the bot when it is a member with enough
 power. When none of them may, it does nothing at all, notice included.
 
-What counts as a DM (``dm`` mode), kept deliberately simple: exactly two members (joined or
-invited), and either a membership event carries ``is_direct`` or the room is in the creator's
-``m.direct`` account data (looked up only when the creator is a local user the bridge serves).
+What counts as a DM (``dm`` mode) is the bridge's one definition of a direct chat
+(bridge.matrix.direct): exactly two members, joined or invited.
+
+Blast radius. The namespace lets the appservice act as *any* local user, so the guard narrows
+whom it acts for and where:
+
+* only people: a local user the permissions allow who has logged in with a device of their own
+  (a device the homeserver has seen in use — ``last_seen_ts`` in ``GET /devices``). Users of
+  other appservices (bridge puppets, bots) have no such device, nor do accounts nobody ever
+  logged into; the guard never acts as them;
+* only in rooms of people: a room created by a local user who is not a person in that sense is
+  left alone, whoever joins it (another bridge's portal is that bridge's business);
+* only with consent: it acts as a user only once they have *joined* the room themselves; an
+  invite makes it look at a room only when the inviter created that room (their own room), so a
+  stranger's invite into someone else's room triggers nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
+from mautrix.api import Method, Path
 from mautrix.appservice import IntentAPI
 from mautrix.errors import IntentError, MatrixRequestError, MForbidden, MNotFound
 from mautrix.types import (
@@ -47,6 +60,7 @@ from mautrix.types import (
 from mautrix.util.async_db import Database
 
 from ..config import Config
+from ..matrix.direct import is_direct_chat
 from ..permissions import Permissions
 
 # The events the handler passes to EncryptionGuard.handle_event. Not m.room.create: it arrives
@@ -66,8 +80,12 @@ PUBLIC = "public"  # again when the join rule changes to something else
 NOT_DM = "not_dm"  # mode dm: again on the next membership change
 NO_POWER = "no_power"  # neither the user nor the bot may send m.room.encryption
 NOTIFIED = "notified"  # the notice is out but encryption is not confirmed: retry, silently
+NOT_A_PERSON = "not_a_person"  # created by an appservice user or a never-used account
 
 Notify = Callable[[RoomID, str, str], Awaitable[None]]
+IsPerson = Callable[[UserID], Awaitable[bool]]
+# An answer "not a person" is asked again after this long (they may log in for the first time).
+NOT_A_PERSON_TTL_MS = 10 * 60 * 1000
 
 
 def now_ms() -> int:
@@ -121,7 +139,6 @@ class RoomFacts:
     power_levels: PowerLevelStateEventContent | None = None
     members: list[UserID] = field(default_factory=list)  # joined or invited
     joined: list[UserID] = field(default_factory=list)
-    marked_direct: bool = False  # some membership event carries is_direct
 
     @classmethod
     def parse(cls, state: Iterable[StateEvent]) -> RoomFacts:
@@ -142,7 +159,6 @@ class RoomFacts:
                 facts.members.append(UserID(evt.state_key))
                 if evt.content.membership == Membership.JOIN:
                     facts.joined.append(UserID(evt.state_key))
-                facts.marked_direct = facts.marked_direct or bool(evt.content.is_direct)
         return facts
 
     def may_enable(self, user_id: UserID) -> bool:
@@ -150,8 +166,49 @@ class RoomFacts:
         needed = levels.get_event_level(EventType.ROOM_ENCRYPTION)
         return levels.get_user_level(user_id, self.create) >= needed
 
+    @property
+    def creator(self) -> UserID | None:
+        return self.create.sender if self.create else None
+
+
+class OwnDevices:
+    """Whether a local user is a person who logged in: a device the homeserver has seen in use.
+
+    Asked as the user (``GET /devices`` through the appservice). Appservice users get devices
+    only through MSC4190, and the homeserver records no use of those (Synapse keeps no client
+    IPs for appservice requests unless ``track_appservice_user_ips`` is on), so
+    ``last_seen_ts`` tells them apart. A "yes" is kept; a "no" is asked again later.
+    """
+
+    def __init__(self, intent_for: Callable[[UserID], IntentAPI]) -> None:
+        self.intent_for = intent_for
+        self._people: set[UserID] = set()
+        self._not_people: dict[UserID, int] = {}
+        self.log = logging.getLogger("bridge.guard.devices")
+
+    async def __call__(self, user_id: UserID) -> bool:
+        if user_id in self._people:
+            return True
+        checked = self._not_people.get(user_id)
+        if checked is not None and now_ms() - checked < NOT_A_PERSON_TTL_MS:
+            return False
+        try:
+            answer = await self.intent_for(user_id).api.request(Method.GET, Path.v3.devices)
+        except (MatrixRequestError, OSError) as e:
+            self.log.info("Cannot list the devices of %s (%s): not acting for them", user_id, e)
+            return False
+        devices = answer.get("devices") or []
+        if any(d.get("last_seen_ts") for d in devices if isinstance(d, dict)):
+            self._people.add(user_id)
+            return True
+        self._not_people[user_id] = now_ms()
+        return False
+
 
 class EncryptionGuard:
+    # The events it wants from the handler (matrix.protocols.RoomGuard).
+    watched_events = GUARD_EVENTS
+
     def __init__(
         self,
         *,
@@ -163,6 +220,7 @@ class EncryptionGuard:
         ignore_rooms: Iterable[str] = (),
         notify: Notify,
         command_prefix: str = "!cloakroom",
+        is_person: IsPerson | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown guard mode {mode!r}")
@@ -174,14 +232,22 @@ class EncryptionGuard:
         self.ignore_rooms = frozenset(ignore_rooms)
         self.notify = notify
         self.command_prefix = command_prefix
+        self.is_person = is_person or OwnDevices(intent_for)
         self._domain_suffix = ":" + bot.mxid.partition(":")[2]
         self.log = logging.getLogger("bridge.guard")
 
     def _serves(self, user_id: str | None) -> bool:
-        """A local user the bridge may act for: the appservice can only act as local users."""
+        """A local user the permissions allow: the appservice can only act as local users."""
         return bool(user_id) and user_id.endswith(self._domain_suffix) and (
             user_id != self.bot.mxid and self.permissions.is_user(user_id)
         )
+
+    async def _may_act_for(self, user_id: str | None) -> bool:
+        """Served, and a person with a device of their own (not another appservice's user)."""
+        return self._serves(user_id) and await self.is_person(UserID(user_id))
+
+    def _is_local(self, user_id: str | None) -> bool:
+        return bool(user_id) and user_id.endswith(self._domain_suffix)
 
     # Room events -------------------------------------------------------------------------
 
@@ -204,18 +270,20 @@ class EncryptionGuard:
             await self.store.record(room_id, ALREADY_ENCRYPTED)
             return
         actor = _actor(evt)
-        if not self._serves(actor):
-            return
         if previous == PUBLIC and not _may_have_gone_private(evt):
             return  # only a change of join rule can make a public room private
+        if not await self._may_act_for(actor):
+            return
         if await self._ignored(room_id):
             return
-        await self._decide(room_id, UserID(actor), previous)
+        await self._decide(room_id, UserID(actor), previous, by_invite=_is_invite(evt))
 
     async def _ignored(self, room_id: RoomID) -> bool:
         return room_id in self.ignore_rooms or await self.store.is_ignored(room_id)
 
-    async def _decide(self, room_id: RoomID, actor: UserID, previous: str | None) -> None:
+    async def _decide(
+        self, room_id: RoomID, actor: UserID, previous: str | None, by_invite: bool = False
+    ) -> None:
         log = self.log.getChild(room_id)
         facts = await self._read_room(room_id, actor)
         if facts is None:
@@ -228,6 +296,10 @@ class EncryptionGuard:
             if previous != NOTIFIED or skip in FINAL:  # keep a notified room due for a retry
                 await self.store.record(room_id, skip)
             log.debug("Left alone (%s)", skip)
+            return
+        if actor not in facts.joined or (by_invite and facts.creator != actor):
+            # Consent: only a member acts, and an invite counts only in the inviter's own room.
+            log.debug("%s has not joined, or invited into a room not theirs: nothing", actor)
             return
         enabler = self._pick_enabler(facts, actor)
         if enabler is None:
@@ -265,8 +337,8 @@ class EncryptionGuard:
     def _pick_enabler(self, facts: RoomFacts, actor: UserID) -> IntentAPI | None:
         """Who sends m.room.encryption: the user, else the room's creator when we serve them
         too, else the bot when it is in the room; always someone whose power suffices."""
-        creator = facts.create.sender if facts.create else None
-        for user_id in (actor, creator):
+        for user_id in (actor, facts.creator):
+            # The creator, if local, passed the person check in _reason_to_skip.
             if self._serves(user_id) and user_id in facts.joined and facts.may_enable(user_id):
                 return self.intent_for(user_id)
         if self.bot.mxid in facts.joined and facts.may_enable(self.bot.mxid):
@@ -280,23 +352,15 @@ class EncryptionGuard:
             return SPACE  # a space has no messages to protect
         if facts.join_rule == JoinRule.PUBLIC:
             return PUBLIC
-        if self.mode == "dm" and not await self._is_dm(room_id, facts):
+        creator = facts.creator
+        if self._is_local(creator) and creator != self.bot.mxid and not await self.is_person(
+            UserID(creator)
+        ):
+            # An appservice's user (another bridge's portal) or a never-used account made it.
+            return NOT_A_PERSON
+        if self.mode == "dm" and not is_direct_chat(facts.members):
             return NOT_DM
         return None
-
-    async def _is_dm(self, room_id: RoomID, facts: RoomFacts) -> bool:
-        if len(facts.members) != 2:
-            return False
-        if facts.marked_direct:
-            return True
-        creator = facts.create.sender if facts.create else None
-        if not self._serves(creator):
-            return False
-        try:
-            direct = await self.intent_for(creator).get_account_data(EventType.DIRECT)
-        except MNotFound:
-            return False
-        return any(room_id in rooms for rooms in direct.values() if isinstance(rooms, list))
 
     async def _post_notice(self, room_id: RoomID, enabler: IntentAPI, bot_joined: bool) -> None:
         """From the bot where it is in the room; else in the name of the user who turns
@@ -364,7 +428,7 @@ class EncryptionGuard:
         ]
 
     async def handle_room_command(self, evt: MessageEvent) -> None:
-        if not self._serves(evt.sender):
+        if not await self._may_act_for(evt.sender):
             return  # we may not speak for them, and the bot is not here to answer
         try:
             args = evt.content.body.split()[2:]
@@ -426,6 +490,10 @@ def _actor(evt: StateEvent) -> str | None:
     if evt.content.membership == Membership.INVITE:
         return evt.sender  # in mode dm, the invite is what makes a room a DM
     return None
+
+
+def _is_invite(evt: StateEvent) -> bool:
+    return evt.type == EventType.ROOM_MEMBER and evt.content.membership == Membership.INVITE
 
 
 def _may_have_gone_private(evt: StateEvent) -> bool:
