@@ -1,4 +1,5 @@
-"""What the worst mails cost to parse and render, against a plain mail of the same size.
+"""What the worst mails cost to parse and render, against a plain mail of the same size; and
+the limits that stop them, each with a readable note.
 
 Every bound is a ratio measured in the same run, never an absolute time, so that a loaded
 machine slows both sides alike. CPU time (process_time) rather than wall time: other processes
@@ -27,7 +28,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from bridge.formatter import parse_mail, render_message
+from bridge.formatter import Address, from_email, parse_mail, render_message
+from bridge.formatter.from_email import MAX_ATTACHMENTS, MAX_DEPTH, MAX_PARTS, TOO_DEEP, WHOLE
+
+from .test_formatter import HEAD as SHORT_HEAD
+from .test_formatter import attachment_part, mail, multipart, part
 
 HEAD = (
     b"From: Bob <bob@example.org>\r\nTo: alice@example.net\r\nSubject: Hi\r\n"
@@ -186,3 +191,136 @@ def test_legal_extremes_keep_their_text() -> None:
     assert mail.text == "See attached." and len(mail.attachments[0].data) == 1_000_000
     mail = parse_mail(deep_html(3000))
     assert "line 02999 of the quote" in mail.text
+
+
+# --- limits, each with a readable note ------------------------------------------------------
+
+
+def nested(depth: int) -> bytes:
+    body = part("Content-Type: text/plain", "deep text")
+    for level in reversed(range(depth)):
+        body = part(
+            f"Content-Type: multipart/mixed; boundary=b{level}",
+            multipart(body, boundary=f"b{level}"),
+        )
+    return mail(SHORT_HEAD).rsplit(b"\r\n\r\n", 1)[0] + b"\r\n" + body
+
+
+@pytest.mark.parametrize(
+    ("depth", "text", "problem"),
+    [
+        (20, "deep text", None),
+        # Postfix's mime_nesting_limit: legal mail, whose text must come through.
+        (MAX_DEPTH, "deep text", None),
+        # Deeper: what lies above the limit is read, the rest is in the attached original.
+        (MAX_DEPTH + 1, "", TOO_DEEP),
+        (3000, "", TOO_DEEP),
+    ],
+)
+def test_absurd_nesting(depth: int, text: str, problem: str | None) -> None:
+    raw = nested(depth)
+    parsed = parse_mail(raw)
+    assert parsed.text == text
+    assert parsed.subject == "Hi"
+    assert parsed.problems == ([problem] if problem else [])
+    if problem:
+        assert [(a.filename, a.data) for a in parsed.attachments] == [("message.eml", raw)]
+    else:
+        assert parsed.attachments == []
+
+
+def test_text_above_too_deep_nesting_is_kept() -> None:
+    deep = nested(MAX_DEPTH + 5).split(b"\r\n", 4)[-1]  # without the top-level headers
+    body = multipart(part("Content-Type: text/plain", "Text before the deep part."), deep)
+    raw = mail(SHORT_HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body)
+    parsed = parse_mail(raw)
+    assert parsed.text == "Text before the deep part."
+    assert parsed.problems == [TOO_DEEP]
+    assert [a.filename for a in parsed.attachments] == ["message.eml"]
+
+
+def test_embedded_messages_deeper_than_the_parser_can_recurse() -> None:
+    raw = mail(
+        SHORT_HEAD + "\nContent-Type: message/rfc822", b"Content-Type: message/rfc822\n\n" * 3000
+    )
+    parsed = parse_mail(raw)
+    assert (parsed.subject, parsed.problems) == ("Hi", [WHOLE])
+
+
+def test_too_many_attachments() -> None:
+    count = MAX_ATTACHMENTS + 50
+    parts = [part("Content-Type: application/octet-stream", f"{n}") for n in range(count)]
+    body = multipart(part("Content-Type: text/plain", "Body."), *parts)
+    raw = mail(SHORT_HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body)
+    parsed = parse_mail(raw)
+    assert parsed.text == "Body."
+    assert [a.data for a in parsed.attachments[:-1]] == [b"%d" % n for n in range(MAX_ATTACHMENTS)]
+    assert (parsed.attachments[-1].filename, parsed.attachments[-1].data) == ("message.eml", raw)
+    assert parsed.problems == [
+        f"The message has {count} attachments; only the first {MAX_ATTACHMENTS} are posted, "
+        "the rest are in the original"
+    ]
+
+
+def test_too_many_parts() -> None:
+    # Empty text parts: no attachments, so only the part count is over its limit.
+    parts = [part("Content-Type: text/plain", "") for _ in range(MAX_PARTS + 50)]
+    body = multipart(part("Content-Type: text/plain", "Body."), *parts)
+    raw = mail(SHORT_HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body)
+    parsed = parse_mail(raw)
+    assert parsed.text == "Body."
+    assert [a.filename for a in parsed.attachments] == ["message.eml"]
+    assert parsed.problems == [
+        f"The message has {MAX_PARTS + 52} parts; only the first {MAX_PARTS} were read, "
+        "the rest are in the original"
+    ]
+
+
+def test_problems_are_capped() -> None:
+    broken = part("Content-Type: text/plain\nContent-Transfer-Encoding: base64", "!!!")
+    body = multipart(part("Content-Type: text/plain", "Body."), *[broken] * 30)
+    parsed = parse_mail(
+        mail(SHORT_HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body)
+    )
+    assert parsed.text == "Body."
+    assert len(parsed.problems) == 21
+    assert parsed.problems[0] == "Part 3 (text/plain) could not be decoded"
+    assert parsed.problems[-1] == "10 further problems with this message are not listed"
+
+
+def test_long_text_part_is_cut_and_attached_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(from_email, "MAX_TEXT_CHARS", 1000)
+    text = "".join(f"line {n}\n" for n in range(500))
+    parsed = parse_mail(mail(SHORT_HEAD + "\nContent-Type: text/plain; charset=utf-8", text))
+    assert text.startswith(parsed.text) and len(parsed.text) < 1000
+    assert parsed.problems == ["Part 1 (text/plain) is too long; the whole text is attached"]
+    [whole] = parsed.attachments
+    assert (whole.filename, whole.data) == ("attachment.txt", text.encode().replace(b"\n", b"\r\n"))
+
+
+def test_huge_attachment_is_left_out_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(from_email, "MAX_PART_BYTES", 1000)
+    body = multipart(
+        part("Content-Type: text/plain", "Body."),
+        attachment_part("application/pdf", b"%PDF" * 1000),
+        attachment_part("application/pdf", b"%PDF"),
+    )
+    raw = mail(SHORT_HEAD + "\nContent-Type: multipart/mixed; boundary=BOUNDARY", body)
+    parsed = parse_mail(raw)
+    assert parsed.text == "Body."
+    assert [a.data for a in parsed.attachments] == [b"%PDF", raw]  # and the original, whole
+    assert parsed.problems == [
+        "Part 3 (application/pdf) is larger than 0 MB and was left out; it is in the original"
+    ]
+
+
+def test_two_thousand_recipients() -> None:
+    people = [f'"Person {n}" <person.{n}@example.org>' for n in range(2000)]
+    headers = SHORT_HEAD.replace("To: alice@example.net", "To: " + ", ".join(people[:1500]))
+    headers += "\nCc: " + ", ".join(people[1500:])
+    parsed = parse_mail(mail(headers))
+    assert (len(parsed.to), len(parsed.cc), parsed.problems) == (1500, 500, [])
+    everyone = parsed.participants()
+    assert len(everyone) == 2001
+    assert everyone[1] == Address("Person 0", "person.0@example.org")
+    assert everyone[-1] == Address("Person 1999", "person.1999@example.org")
