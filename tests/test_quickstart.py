@@ -18,6 +18,7 @@ from ruamel.yaml import YAML
 
 from bridge.__main__ import main as bridge_main
 from bridge.config import sample_text, write_values
+from bridge.exitcodes import EXIT_CONFIG, EXIT_REGISTRATION_PATH
 from bridge.quickstart.__main__ import _bridge_config
 from bridge.quickstart.synapse import free_port
 
@@ -160,3 +161,65 @@ def test_quickstart_adds_the_guard_namespace_to_an_older_state_dir(
     before = registration.read_text(), config.read_text()
     _bridge_config(state, 8008, 29400, 2525, 2526)
     assert (registration.read_text(), config.read_text()) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "what"),
+    [
+        ("registration.yaml", EXIT_REGISTRATION_PATH, "registration"),
+        ("config.yaml", EXIT_CONFIG, "config"),
+    ],
+)
+def test_quickstart_stops_at_a_directory_where_its_file_belongs(
+    tmp_path: Path, name: str, code: int, what: str
+) -> None:
+    state = tmp_path / "state"
+    (state / name).mkdir(parents=True)
+    ports = [str(free_port()) for _ in range(4)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bridge.quickstart", "--dir", str(state),
+         "--hs-port", ports[0], "--as-port", ports[1], "--smtp-port", ports[2],
+         "--sink-port", ports[3]],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[0] == (
+        f"{state / name} is a directory; remove it and the quickstart writes a {what}"
+    )
+
+
+async def test_quickstart_recovers_a_lost_password_and_a_broken_registration(
+    tmp_path: Path,
+) -> None:
+    """quickstart.json deleted next to an existing demo account (its password is gone with it),
+    and registration.yaml overwritten with garbage: the next run just works, with a new
+    password for the same account."""
+    state = tmp_path / "state"
+    ports = tuple(free_port() for _ in range(4))
+    proc, _ = await asyncio.to_thread(_start, state, ports)
+    first = json.loads((state / "quickstart.json").read_text())
+    assert await asyncio.to_thread(_stop, proc) == 0
+
+    (state / "quickstart.json").unlink()
+    (state / "registration.yaml").write_text("{{{ not: [a registration\n")
+    proc, output = await asyncio.to_thread(_start, state, ports)
+    try:
+        assert "Traceback" not in output
+        registration, facts = state / "registration.yaml", state / "quickstart.json"
+        assert f"{registration} is not a valid registration; writing a new one." in output
+        assert f"{facts} was missing, so the existing demo user got a new password." in output
+        again = json.loads((state / "quickstart.json").read_text())
+        assert again["user_id"] == first["user_id"]
+        assert again["password"] != first["password"] and again["password"] in output
+        client = await _login(again, tmp_path / "nio")
+        try:
+            # The bridge runs with the rewritten registration: the bot answers.
+            room_id = await open_dm_with_bot(client, again["bot"])
+            await send_text(client, room_id, "help")
+            _, reply = await sync_until(client, from_sender(room_id, again["bot"]))
+            assert "Cloakroom commands" in reply.body
+        finally:
+            await client.close()
+    finally:
+        assert await asyncio.to_thread(_stop, proc) == 0
