@@ -14,7 +14,7 @@ import quopri
 import re
 from datetime import datetime
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bridge.formatter import (
@@ -368,9 +368,9 @@ NESTING_TAGS = ["blockquote", "ul", "ol", "li", "div", "p", "pre", "a", "b", "ta
 
 @st.composite
 def deep_html(draw: st.DrawFn) -> str:
-    """Nesting up to past MAX_HTML_DEPTH, with a line at each level: where the old converter's
-    output grew with depth × lines."""
-    depth = draw(st.integers(1, 700))
+    """Nesting up to far past MAX_HTML_DEPTH, with a line at each level: where the old converter's
+    output grew with depth × lines (past ~1,000 levels of quotes, more than SIZE_FACTOR)."""
+    depth = draw(st.integers(1, 3000))
     tags = draw(st.lists(st.sampled_from(NESTING_TAGS), min_size=1, max_size=4))
     line = draw(st.sampled_from(["x<br>", "<br>", "t", "<p>p</p>", '<a href="https://e.x">l</a>']))
     opened = "".join(f"<{tags[i % len(tags)]}>{line}" for i in range(depth))
@@ -380,6 +380,8 @@ def deep_html(draw: st.DrawFn) -> str:
 
 @settings(FUZZ, max_examples=60)
 @given(html=deep_html(), collapse=st.booleans())
+@example(html="<blockquote>x<br>" * 2000, collapse=True)  # the old converter: 18 MB of text
+@example(html="<ul><li>x<br>" * 2000 + "</li></ul>" * 2000, collapse=False)
 def test_deep_html_output_is_linear(html: str, collapse: bool) -> None:
     raw = b"Content-Type: text/html; charset=utf-8\r\n\r\n" + html.encode()
     mail = parse_mail(raw, collapse_quotes=collapse)
