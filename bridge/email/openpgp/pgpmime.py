@@ -389,7 +389,10 @@ def signed_parts(entity: bytes) -> tuple[bytes, bytes]:
     return re.sub(rb"(?<!\r)\n", b"\r\n", signed), part.get_payload(decode=True) or b""
 
 
-_ARMORED = re.compile(rb"-----BEGIN PGP MESSAGE-----.*?-----END PGP MESSAGE-----[ \t]*", re.S)
+# The block with the line break that ends its END line: the plaintext brings its own.
+_ARMORED = re.compile(
+    rb"-----BEGIN PGP MESSAGE-----.*?-----END PGP MESSAGE-----[ \t]*(?:\r?\n)?", re.S
+)
 
 
 def _inline_part(message: Message) -> Message | None:

@@ -34,8 +34,10 @@ def make_vcard(
     address: str, key: PublicKey, display_name: str | None = None, updated: int | None = None
 ) -> str:
     """The card (CRLF lines): EMAIL, FN (the address when there is no name), KEY (the minimal
-    Autocrypt key), REV. The name is untrusted text: escaped, control characters dropped."""
-    name = "".join(c for c in (display_name or "").strip() if c.isprintable()) or address
+    Autocrypt key), REV. The name is untrusted text: escaped, control characters and line
+    breaks turned into single spaces."""
+    printable = "".join(c if c.isprintable() else " " for c in display_name or "")
+    name = " ".join(printable.split()) or address
     keydata = base64.b64encode(key.minimal(address).to_bytes()).decode("ascii")
     lines = [
         "BEGIN:VCARD",
