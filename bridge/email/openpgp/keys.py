@@ -19,10 +19,9 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import openpgp
 from openpgp.composed import (
     DetachedSignature,
     EncryptionCaps,
@@ -170,9 +169,7 @@ class PublicKey:
 
     def fingerprints(self) -> set[str]:
         """The primary's and every subkey's fingerprint (uppercase hex)."""
-        return {self.fingerprint} | {
-            _hex(sub.key.fingerprint) for sub in self._key.public_subkeys
-        }
+        return {self.fingerprint} | {_hex(sub.key.fingerprint) for sub in self._key.public_subkeys}
 
     def key_ids(self) -> set[str]:
         return {_hex(self._key.key_id)} | {_hex(sub.key.key_id) for sub in self._key.public_subkeys}
@@ -457,13 +454,16 @@ def decrypt(
     data: bytes | str,
     key: SecretKey,
     *,
-    verify_with: Sequence[PublicKey] = (),
+    verify_with: Sequence[PublicKey] | Callable[[bytes], Sequence[PublicKey]] = (),
     max_bytes: int = MAX_CIPHERTEXT_BYTES,
 ) -> Decrypted:
     """Decrypt an armored or binary message with `key` and check its signature against
-    `verify_with` (compressed and uncompressed content alike). DecryptionError for anything
-    that is not a message for this key or fails its integrity check; TooLargeError above
-    `max_bytes`. A bad signature is a result (BAD), not an error: the caller decides."""
+    `verify_with` (compressed and uncompressed content alike). `verify_with` may be a function
+    of the plaintext, for a key that arrives inside the message (an Autocrypt header in the
+    protected headers): the signature is checked after it is called, without decrypting twice.
+    DecryptionError for anything that is not a message for this key or fails its integrity
+    check; TooLargeError above `max_bytes`. A bad signature is a result (BAD), not an error:
+    the caller decides."""
     message = _load_message(data, max_bytes)
     if message.kind != "encrypted":
         raise DecryptionError(f"not an encrypted message ({message.kind})")
@@ -473,7 +473,8 @@ def decrypt(
     except _EngineError as error:
         # MDC/AEAD failures land here: no plaintext of a tampered message is ever returned.
         raise _wrap(error, DecryptionError, "cannot decrypt") from None
-    return Decrypted(plaintext, _verify_message(decrypted, verify_with))
+    keys = verify_with(plaintext) if callable(verify_with) else verify_with
+    return Decrypted(plaintext, _verify_message(decrypted, keys))
 
 
 def _verify_message(decrypted, keys: Sequence[PublicKey]) -> Verification:
@@ -531,9 +532,7 @@ def sign_detached(data: bytes, key: SecretKey) -> str:
         raise _wrap(error, OpenPGPError, "signing failed") from None
 
 
-def verify_detached(
-    data: bytes, signature: bytes | str, keys: Sequence[PublicKey]
-) -> Verification:
+def verify_detached(data: bytes, signature: bytes | str, keys: Sequence[PublicKey]) -> Verification:
     """Check a detached signature (armored or binary) over `data` against `keys`.
     A signature that does not even parse counts as BAD: something was attached and fails."""
     try:
