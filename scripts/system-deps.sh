@@ -9,6 +9,8 @@ set -euo pipefail
 PACKAGES=(
     "postgresql:compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null"
     "gnupg:command -v gpg >/dev/null"
+    # The MTA in front of the bridge (tests/test_postfix.py runs a throwaway instance of it).
+    "postfix:command -v postfix >/dev/null || test -x /usr/sbin/postfix"
 )
 
 missing=()
@@ -38,6 +40,12 @@ if [[ ! -e $policy ]]; then
 fi
 cleanup() { if [[ $created_policy -eq 1 ]]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
+
+# Postfix asks which kind of mail system to set up: none. The package then writes no main.cf
+# and configures no service; the tests give each instance its own configuration directory.
+if command -v debconf-set-selections >/dev/null 2>&1; then
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+fi
 
 echo "system-deps: installing ${missing[*]}"
 apt-get update -qq
