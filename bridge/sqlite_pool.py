@@ -42,9 +42,10 @@ class SQLiteDatabase(MautrixSQLiteDatabase):
             await super().start()  # a shared pool, or the errors mautrix raises for misuse
             return
         self.log.debug(f"Connecting to {self.url}")
-        if not os.path.exists(self._path) and not os.access(
-            os.path.dirname(os.path.abspath(self._path)), os.W_OK
-        ):
+        if os.path.exists(self._path):
+            if not os.access(self._path, os.W_OK):
+                self.log.warning("Database file doesn't seem writable")
+        elif not os.access(os.path.dirname(os.path.abspath(self._path)), os.W_OK):
             self.log.warning("Database file doesn't exist and directory doesn't seem writable")
         try:
             for _ in range(self._pool.maxsize):

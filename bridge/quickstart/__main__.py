@@ -122,7 +122,7 @@ def _registration_outdated(config: Path, registration: Path) -> bool:
         have = YAML(typ="safe").load(registration.read_text("utf-8"))
         have_users = have["namespaces"]["users"]
         return any(ns not in have_users for ns in wanted["namespaces"]["users"])
-    except (YAMLError, UnicodeDecodeError, TypeError, KeyError):
+    except (YAMLError, OSError, UnicodeDecodeError, TypeError, KeyError):
         # Ours to write (Synapse reads it only after this): a broken one is simply replaced.
         print(f"{registration} is not a valid registration; writing a new one.", file=sys.stderr)
         return True
