@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from yarl import URL
 
 from bridge.db import open_database
 
+from .element_client import ElementDevices, element_devices, node_unavailable
 from .harness import Env
 from .postgres import UNAVAILABLE, postgres_uri
 from .stack import start_stack, stop_stack
@@ -44,6 +46,17 @@ async def onboarding(running: Env) -> AsyncIterator[Env]:
         running.onboarding.process = None
         running.onboarding.start()
     yield running
+
+
+@pytest.fixture
+async def element(running: Env) -> AsyncIterator[ElementDevices]:
+    """Element's crypto stack (matrix-js-sdk + Rust crypto): `await element.login(user, pw)`
+    starts a new device; all are stopped after the test. Skips when Node is not installed."""
+    reason = await asyncio.to_thread(node_unavailable)
+    if reason:
+        pytest.skip(reason)
+    async with element_devices(running) as devices:
+        yield devices
 
 
 @pytest.fixture

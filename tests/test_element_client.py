@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
 
-import pytest
-
-from .element_client import ElementClient, ElementDevices, element_devices, node_unavailable
+from .element_client import ElementClient, ElementDevices
 from .harness import Env
 from .mail import make_mail, send, unique
 from .test_email_in import PNG_1x1
@@ -17,15 +14,6 @@ from .test_email_in import PNG_1x1
 
 def _ghost(address: str) -> str:
     return "@_email_" + address.replace("@", "=40") + ":localhost"
-
-
-@pytest.fixture
-async def element(running: Env) -> AsyncIterator[ElementDevices]:
-    reason = await asyncio.to_thread(node_unavailable)
-    if reason:
-        pytest.skip(reason)
-    async with element_devices(running) as devices:
-        yield devices
 
 
 async def _bare_user(env: Env) -> tuple[str, str]:

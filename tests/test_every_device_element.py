@@ -8,30 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from email import message_from_bytes
 from email.policy import default
 
-import pytest
 from ruamel.yaml import YAML
 
-from .element_client import ElementClient, ElementDevices, ElementEvent, node_unavailable
+from .element_client import ElementClient, ElementDevices, ElementEvent
 from .harness import Env
 from .mail import unique
 from .stack import ONBOARDING_USERS, STRICT_USERS
 from .test_every_device import PNG_1x1, bridge_db, held, local, mail, query, until
-
-
-@pytest.fixture
-async def element(running: Env) -> AsyncIterator[ElementDevices]:
-    reason = await asyncio.to_thread(node_unavailable)
-    if reason:
-        pytest.skip(reason)
-    devices = ElementDevices(running.synapse.url, running.base_dir / "element")
-    try:
-        yield devices
-    finally:
-        await devices.close()
 
 
 def reads(*tokens: str):

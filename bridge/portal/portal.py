@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import html
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,15 @@ from mautrix.types import (
 from mautrix.util.async_db import Database
 
 from ..crypto import EncryptedSender, NoReadableDevice
-from ..formatter import Address, ParsedMail, describe, parse_dsn, parse_mail, render_message
+from ..formatter import (
+    Address,
+    ParsedMail,
+    describe,
+    others_line,
+    parse_dsn,
+    parse_mail,
+    render_message,
+)
 from ..identifiers import is_local_address, normalize_address
 from .ghosts import Ghosts
 from .media import upload_encrypted
@@ -203,10 +211,9 @@ class PortalManager:
         if len(externals) <= 1:
             name = author.name or author.address
             return Conversation("dm", f"dm:{author.address}", name, [author])
-        addresses = sorted({a.address for a in externals})
         names = [a.name or a.address for a in externals]
         name = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return Conversation("group", "group:" + ",".join(addresses), name, externals)
+        return Conversation("group", group_key(a.address for a in externals), name, externals)
 
     async def _portal_for(self, job: MailJob, mail: ParsedMail, conv: Conversation) -> PortalRow:
         # A reply stays in the room of the message it answers, even if the Cc list changed —
@@ -248,7 +255,7 @@ class PortalManager:
             topic = f"Email with {portal.participants[0]}"
         else:
             creator = self.bot
-            topic = "Email with " + ", ".join(portal.participants)
+            topic = "Email with " + _some(portal.participants)
         room_id = await create_portal_room(
             portal, creator=creator, bot=self.bot, state_store=self.state_store, topic=topic
         )
@@ -336,12 +343,12 @@ class PortalManager:
         if reply_to != [author.address]:
             notes.append("↩ replies go to " + _some(reply_to))
         unseated = [
-            a.address
+            a
             for a in mail.participants()
             if a.address and not self.is_local(a.address) and a.address != author.address
         ][MAX_SEATED:]
         if unseated:
-            notes.append(f"👥 also on this mail: {len(unseated)} more — " + _some(unseated))
+            notes.append(others_line(unseated))
         return notes
 
     async def _send_part(
@@ -360,6 +367,15 @@ class PortalManager:
         if job.record_part:
             await job.record_part(part, event_id)
         return event_id
+
+
+def group_key(addresses: Iterable[str]) -> str:
+    """The conversation key of a group: its sorted addresses, hashed once that gets long (a
+    mail to 2,000 people must not make a 60 KB database key)."""
+    joined = ",".join(sorted(set(addresses)))
+    if len(joined) > 500:
+        joined = "sha256:" + hashlib.sha256(joined.encode()).hexdigest()
+    return "group:" + joined
 
 
 def _some(addresses: list[str], shown: int = 10) -> str:

@@ -9,7 +9,7 @@ from mautrix.errors import IntentError, MForbidden
 from mautrix.types import EncryptionAlgorithm, EventType, RoomEncryptionStateEventContent, RoomID
 
 from ..identifiers import normalize_address
-from .portal import PortalManager
+from .portal import PortalManager, group_key
 from .rooms import ensure_member
 from .store import PortalRow
 
@@ -24,7 +24,7 @@ async def start_conversation(
     if len(addresses) == 1:
         kind, key, name = "dm", f"dm:{addresses[0]}", addresses[0]
     else:
-        kind, key = "group", "group:" + ",".join(sorted(addresses))
+        kind, key = "group", group_key(addresses)
         name = ", ".join(addresses[:3]) + (
             f" and {len(addresses) - 3} more" if len(addresses) > 3 else ""
         )
