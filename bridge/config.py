@@ -270,12 +270,16 @@ class Config:
                 data_value = copy.deepcopy(default)
             _set(data, key, data_value)
         known = {key for key, _ in _leaves(sample)}
-        reported = {error.key for error in errors}
+        # A section left empty, or given a value (an error above), is no unknown key.
+        sections = {
+            ".".join(parts[:end]) for parts in (k.split(".") for k in known)
+            for end in range(1, len(parts))
+        }
         warnings = [
             f"{key}: unknown key, ignored"
             for key, _ in _leaves(user)
             if key not in known
-            and key not in reported
+            and key not in sections
             and not any(key.startswith(f"{o}.") for o in OPAQUE_KEYS)
         ]
         errors += _apply_env(data, env, known)
