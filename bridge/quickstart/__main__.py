@@ -279,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SynapseError as e:
         print(e, file=sys.stderr)
         return 1
+    except urllib.error.URLError as e:  # HTTPError too: setting up the demo user failed
+        print(f"Synapse did not do what the quickstart asked ({e}); see {synapse.log_path}.",
+              file=sys.stderr)
+        return 1
     finally:
         if bridge is not None and bridge.poll() is None:
             bridge.send_signal(signal.SIGTERM)
