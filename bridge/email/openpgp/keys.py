@@ -106,8 +106,10 @@ def _hex(value: str) -> str:
 
 
 def _wrap(error: _EngineError, kind: type[OpenPGPError], what: str) -> OpenPGPError:
-    # The engine's message names packets and algorithms, never key material or plaintext.
-    return kind(f"{what}: {error}", getattr(error, "code", None))
+    # The engine's message names packets and algorithms, never key material or plaintext;
+    # some carry a whole Rust backtrace after the reason, which is no use in a log line.
+    reason = str(error).split(", backtrace:")[0].split("\n")[0][:200]
+    return kind(f"{what}: {reason}", getattr(error, "code", None))
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -445,8 +447,10 @@ def _load_message(data: bytes | str, max_bytes: int) -> Message:
             message, _headers = Message.from_armor(text)
         else:
             message = Message.from_bytes(bytes(data))
-    except (_EngineError, UnicodeDecodeError) as error:
-        raise DecryptionError(f"not an OpenPGP message: {error}") from None
+    except UnicodeDecodeError:
+        raise DecryptionError("not an OpenPGP message: armor is not ASCII") from None
+    except _EngineError as error:
+        raise _wrap(error, DecryptionError, "not an OpenPGP message") from None
     return message
 
 
