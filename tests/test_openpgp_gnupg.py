@@ -20,6 +20,7 @@ import pytest
 from bridge.email.openpgp import autocrypt
 from bridge.email.openpgp.keys import (
     DecryptionError,
+    KeyFormatError,
     PublicKey,
     SecretKey,
     SignatureStatus,
@@ -324,3 +325,20 @@ def test_gpg_reads_mail_with_hidden_recipients(peer: Peer, alice) -> None:
     armored = encrypt(b"anonymous", signer=alice, recipients=[peer.public], hide_recipients=True)
     result = peer.gpg.decrypt(armored, always_trust=True)
     assert result.ok and result.data == b"anonymous", result.stderr
+
+
+@pytest.mark.parametrize(("primary_expiry", "message"), [("1d", "expired"), ("never", "usable")])
+def test_expired_gpg_keys_are_unusable(peer: Peer, primary_expiry: str, message: str) -> None:
+    """Made in 2020 with one day of validity (the whole key, or only its encryption subkey):
+    Level 1 treats such a key as absent."""
+    past = ["--faked-system-time", "20200101T000000", "--passphrase", "", "--pinentry-mode"]
+    past.append("loopback")
+    address = "old@example.net"
+    peer.run(*past, "--quick-gen-key", address, "ed25519", "cert,sign", primary_expiry, data=b"")
+    [old] = [k for k in peer.gpg.list_keys() if address in k["uids"][0]]
+    peer.run(*past, "--quick-add-key", old["fingerprint"], "cv25519", "encr", "1d", data=b"")
+    key = PublicKey.from_bytes(peer.run("--export", old["fingerprint"], data=b"").stdout)
+    with pytest.raises(KeyFormatError, match=message):
+        key.encryption_subkey_fingerprint  # noqa: B018
+    state = autocrypt.PeerState(address, 1, 1, key.to_bytes(), autocrypt.MUTUAL)
+    assert autocrypt.recommend(state).recommendation is autocrypt.Recommendation.DISABLE

@@ -305,10 +305,12 @@ class SecretKey:
 
 
 def _self_signatures(key: SignedPublicKey) -> list:
+    """Direct-key and user ID signatures made by the key itself (not third-party ones)."""
+    own = {_hex(key.fingerprint), _hex(key.key_id)}
     signatures = list(key.details.direct_signatures)
     for user in key.details.users:
         signatures += list(user.signatures)
-    return signatures
+    return [s for s in signatures if _issuers(s) & own]
 
 
 def _newest(signatures: Sequence) -> object | None:
@@ -316,17 +318,25 @@ def _newest(signatures: Sequence) -> object | None:
 
 
 def _encryption_subkey(key: SignedPublicKey):  # -> SignedPublicSubKey
-    """The newest subkey whose newest binding allows encryption and has not expired."""
+    """The newest subkey whose newest binding allows encryption, of a key that is neither
+    revoked nor expired (KeyFormatError otherwise: "known to be unusable", Level 1)."""
     now = time.time()
+    if key.details.revocation_signatures:
+        raise KeyFormatError(f"key {_hex(key.fingerprint)} is revoked")
+    primary = _newest(_self_signatures(key))
+    lifetime = primary.key_expiration_time() if primary is not None else None
+    if lifetime and key.created_at + lifetime <= now:
+        raise KeyFormatError(f"key {_hex(key.fingerprint)} has expired")
     usable = []
     for subkey in key.public_subkeys:
-        binding = _newest(subkey.signatures)
-        if binding is None or binding.typ() == "subkey-revocation":
+        signatures = list(subkey.signatures)
+        if any(s.typ() == "subkey-revocation" for s in signatures):
+            continue  # a revocation is final, whatever was signed after it
+        binding = _newest([s for s in signatures if s.typ() == "subkey-binding"])
+        if binding is None or not subkey.key.algorithm.can_encrypt():
             continue
         flags = binding.key_flags()
         if not (flags.encrypt_communications or flags.encrypt_storage):
-            continue
-        if not subkey.key.algorithm.can_encrypt():
             continue
         lifetime = binding.key_expiration_time()
         if lifetime and subkey.key.created_at + lifetime <= now:
@@ -425,9 +435,10 @@ def encrypt(
         builder = builder.seipd_v2(symmetric, "ocb")
     else:
         builder = builder.seipd_v1(symmetric)
+    unique = {recipient.fingerprint: recipient for recipient in recipients}
     try:
         builder = builder.sign(signer.native, None, _SIGNATURE_HASH)
-        for recipient in recipients:
+        for recipient in unique.values():
             subkey = _encryption_subkey(recipient.native)
             if hide_recipients:
                 builder = builder.encrypt_to_key_anonymous(subkey)
