@@ -3,6 +3,12 @@ serves only the users onb1…onb20 (this file uses onb1…onb8), checked with ma
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+import urllib.parse
+
+from ruamel.yaml import YAML
+
 from nio import (
     AsyncClient,
     Event,
@@ -146,3 +152,25 @@ async def test_rooms_of_users_the_guard_does_not_serve_are_untouched(onboarding:
     # The outsider's room came first and costs the guard no request: it is long decided.
     assert not await is_encrypted(outsider, theirs)
     assert onboarding.config["onboarding"]["guard"] == "off"
+
+
+async def test_rooms_of_accounts_nobody_logged_into_are_left_alone(onboarding: Env) -> None:
+    """onb9 exists, but no device of theirs was ever used: like another appservice's puppet.
+    A room made in their name (here through the onboarding bridge's own namespace, as another
+    bridge would make it) is never touched by the guard, whoever joins it."""
+    synapse = onboarding.synapse
+    await asyncio.to_thread(synapse.register_user, "onb9", secrets.token_urlsafe(12))
+    config = YAML(typ="safe").load(onboarding.onboarding.config_path.read_text())
+    puppet = urllib.parse.quote("@onb9:localhost")
+    user = await onboarding.new_user("onb10")
+    created = await asyncio.to_thread(
+        synapse.request, "POST", f"/_matrix/client/v3/createRoom?user_id={puppet}",
+        {"preset": "private_chat", "invite": [user.user_id]}, config["appservice"]["as_token"],
+    )
+    room_id = created["room_id"]
+    await user.join(room_id)
+    # The guard handles a room's events in order: its answer to this comes after the join.
+    await guard_barrier(user, room_id)
+    assert not await is_encrypted(user, room_id)
+    assert not any(is_guard_notice(e) and "encryption is being turned on" in e.body
+                   for e in await room_history(user, room_id))
