@@ -88,6 +88,21 @@ class TestRelay:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
+    def down(self) -> None:
+        """The relay is away: its port refuses connections until up() (tests/test_faults*)."""
+        async def close() -> None:
+            if self._server:
+                # Only the listening socket: wait_closed() would wait for open sessions too.
+                self._server.close()
+                self._server = None
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+
+    def up(self) -> None:
+        """Listen again on the same port after down()."""
+        if self._server is None:
+            asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+
     def script(self, address: str, *answers: str) -> None:
         with self.lock:
             self.scripts[address.lower()].extend(answers)

@@ -179,6 +179,28 @@ class LocalSynapse:
             self.process.wait()
         self.process = None
 
+    # Faults for the tests (tests/test_faults*.py): a frozen homeserver (its sockets still
+    # accept connections, nothing answers) and a crashed one. start() brings a killed one back
+    # on the same config and database.
+    def pause(self) -> None:
+        """SIGSTOP: Synapse stops answering without closing anything."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause(); harmless when Synapse is not stopped."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing is flushed. Call start() to bring it back."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
     def request(
         self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
     ) -> dict[str, Any]:
