@@ -8,7 +8,7 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 
 import pytest
-from openpgp.composed import MessageBuilder
+from openpgp.composed import Message, MessageBuilder
 
 from bridge.email.openpgp import autocrypt, keys, vcard
 from bridge.email.openpgp.keys import (
@@ -134,6 +134,9 @@ def test_group_mail_gossips_every_to_and_cc_but_not_bcc(alice, bob, carol) -> No
     for reader in (alice, bob, carol, hidden):  # every recipient and the sender read it
         assert open_mail(raw, reader).verification.status is SignatureStatus.GOOD
     opened = open_mail(raw, bob)
+    armored = parse(raw).get_payload()[1].get_payload()
+    pkesks = Message.from_armor(armored)[0].public_key_encrypted_session_key_packets()
+    assert len(pkesks) == 4 and all(p.recipient_is_anonymous for p in pkesks)  # Bcc: hidden
     gossip = {autocrypt.parse_header(g, gossip=True).addr: g for g in opened.gossip}
     assert set(gossip) == {BOB, CAROL}  # the sender has its own header; Bcc stays hidden
     key = autocrypt.parse_header(gossip[CAROL], gossip=True).key
@@ -155,6 +158,13 @@ def test_gossip_feeds_the_level1_rules(alice, bob, carol) -> None:
     changed = autocrypt.update_gossip({}, facts, NOW)
     assert set(changed) == {BOB, CAROL}
     assert PublicKey.from_bytes(changed[CAROL].gossip_key).fingerprint == carol.fingerprint
+
+
+def test_key_ids_are_visible_without_bcc(alice, bob) -> None:
+    raw = encrypt_mail(mail(), sender=alice, recipients={BOB: bob.public_key})
+    armored = parse(raw).get_payload()[1].get_payload()
+    pkesks = Message.from_armor(armored)[0].public_key_encrypted_session_key_packets()
+    assert len(pkesks) == 2 and not any(p.recipient_is_anonymous for p in pkesks)
 
 
 def test_every_visible_recipient_needs_a_key(alice, bob) -> None:

@@ -88,7 +88,9 @@ def encrypt_mail(
     one recipient carries an Autocrypt-Gossip header inside for each To/Cc recipient.
     `chat_version` adds `Chat-Version: 1.0` inside (Delta Chat shows a chat message).
     `outer_autocrypt` repeats the sender's Autocrypt header outside for MUAs that only read
-    outer headers (Thunderbird, K-9); Delta Chat sends it inside only."""
+    outer headers (Thunderbird, K-9); Delta Chat sends it inside only. `hide_recipients`
+    writes wildcard key IDs (gpg and Delta Chat try their keys); it is forced on when a key is
+    for an address outside To/Cc (Bcc)."""
     message = _as_message(mail)
     sender_addr = _single_address(message, "From")
     keys = {addr.lower(): key for addr, key in recipients.items()}
@@ -103,11 +105,14 @@ def encrypt_mail(
         for addr in sorted(visible):
             inner.set_raw("Autocrypt-Gossip", autocrypt.build_header(addr, keys[addr], gossip=True))
     plaintext = _serialise(inner)
+    # Key IDs in the session-key packets are readable by everyone, relays included: a key for
+    # an address outside To/Cc would name the Bcc recipient, so then every key ID is hidden.
+    blind = bool(keys.keys() - visible - {sender_addr})
     armored = encrypt(
         plaintext,
         signer=sender,
         recipients=[*keys.values(), own],
-        hide_recipients=hide_recipients,
+        hide_recipients=hide_recipients or blind,
     )
     outer = _outer_message(message, armored)
     if outer_autocrypt:
