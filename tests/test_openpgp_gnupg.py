@@ -342,3 +342,22 @@ def test_expired_gpg_keys_are_unusable(peer: Peer, primary_expiry: str, message:
         key.encryption_subkey_fingerprint  # noqa: B018
     state = autocrypt.PeerState(address, 1, 1, key.to_bytes(), autocrypt.MUTUAL)
     assert autocrypt.recommend(state).recommendation is autocrypt.Recommendation.DISABLE
+
+
+def test_signature_by_a_gpg_signing_subkey_is_good_but_not_primary(peer: Peer, alice) -> None:
+    """Plain gpg users often sign with a subkey. We accept it (verified against the bound
+    subkey) and say so: Delta Chat would count the same mail as unsigned."""
+    loopback = ["--passphrase", "", "--pinentry-mode", "loopback"]
+    peer.run(*loopback, "--quick-add-key", peer.fingerprint, "ed25519", "sign", "never", data=b"")
+    public = PublicKey.from_armored(peer.gpg.export_keys(peer.fingerprint))
+    signing = public.fingerprints() - {peer.fingerprint, public.encryption_subkey_fingerprint}
+    [subkey] = signing
+    import_ours(peer, alice.public_key)
+    sent = peer.gpg.encrypt(b"x", [alice.fingerprint], sign=peer.fingerprint, always_trust=True)
+    verification = decrypt(str(sent), alice, verify_with=[public]).verification
+    assert verification.status is SignatureStatus.GOOD
+    assert (verification.signer_fingerprint, verification.key_fingerprint) == (
+        subkey,
+        peer.fingerprint,
+    )
+    assert not verification.signed_by_primary
