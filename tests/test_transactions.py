@@ -86,3 +86,17 @@ async def test_malformed_json_is_rejected(running: Env) -> None:
     # A bad body must not need a token check to fail, but a missing token still wins.
     assert await _put(running, f"bad-{secrets.token_hex(4)}", b"{not json", None) == 401
     assert await _put(running, f"ok-{secrets.token_hex(4)}", {"events": []}, token) == 200
+
+
+async def test_a_transaction_over_1_mib_is_accepted_and_processed(running: Env) -> None:
+    alice = await running.new_user()
+    room_id = await open_dm_with_bot(alice, running.bot_mxid)
+    # Synapse may send 100 PDUs and 100 EDUs at once: here ~2 MiB, twice aiohttp's default cap.
+    body = _message_txn(room_id, alice.user_id, "help")
+    filler = {"msgtype": "m.text", "body": "x" * 20_000}
+    padding = [dict(body["events"][0], event_id=f"$pad-{secrets.token_hex(8)}",
+                    room_id="!elsewhere:localhost", content=filler) for _ in range(100)]
+    body["events"] = padding + body["events"]
+    assert await _put(running, f"big-{secrets.token_hex(4)}", body, running.hs_token) == 200
+    _, reply = await sync_until(alice, from_sender(room_id, running.bot_mxid))
+    assert "Cloakroom commands" in reply.body
