@@ -7,8 +7,6 @@ import asyncio
 import secrets
 import urllib.parse
 
-from ruamel.yaml import YAML
-
 from nio import (
     AsyncClient,
     Event,
@@ -20,6 +18,7 @@ from nio import (
     RoomMessageText,
 )
 from nio.api import RoomPreset
+from ruamel.yaml import YAML
 
 from .harness import Env, from_sender, open_dm_with_bot, room_history, send_text, sync_until
 

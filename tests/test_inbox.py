@@ -17,7 +17,8 @@ from mautrix.types import EncryptedEvent, Event, EventID, MessageEvent, RoomID, 
 from mautrix.util.async_db import Database
 
 from bridge.db import TxnLog
-from bridge.matrix import appservice, inbox as inbox_module
+from bridge.matrix import appservice
+from bridge.matrix import inbox as inbox_module
 from bridge.matrix.inbox import Inbox, InboxStore
 from bridge.matrix.queues import RoomQueues
 

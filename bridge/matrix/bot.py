@@ -11,9 +11,9 @@ from mautrix.errors import IntentError, MForbidden
 from mautrix.types import (
     EncryptionAlgorithm,
     EventID,
-    InReplyTo,
     EventType,
     Format,
+    InReplyTo,
     Membership,
     MessageEvent,
     MessageType,
