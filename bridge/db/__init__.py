@@ -17,8 +17,12 @@ from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.crypto import PgCryptoStore
 from mautrix.util.async_db import Database, Scheme
 
+from .. import sqlite_pool
 from .state import BridgeState, TxnLog
 from .upgrade import upgrade_table
+
+# Our SQLite pool closes what it opened, also when opening fails (see bridge/sqlite_pool.py).
+sqlite_pool.register()
 
 __all__ = [
     "BridgeState",
@@ -56,8 +60,13 @@ async def open_database(url: str) -> Database:
     await db.start()
     if url.startswith("sqlite"):
         _restrict_sqlite_files(yarl.URL(url).path)
-    await PgStateStore.upgrade_table.upgrade(db)
-    await PgCryptoStore.upgrade_table.upgrade(db)
+    try:
+        await PgStateStore.upgrade_table.upgrade(db)
+        await PgCryptoStore.upgrade_table.upgrade(db)
+    except BaseException:
+        # Close what was opened: left open, its connection threads outlive the loop.
+        await db.stop()
+        raise
     return db
 
 

@@ -5,9 +5,9 @@ from mautrix.util.async_db import Connection
 from . import upgrade_table
 
 
-@upgrade_table.register(index=4, description="Mail held until its reader has a device; raw size kept")
+@upgrade_table.register(index=4, description="Mail held until its reader has a device; size kept")
 async def upgrade_v5(conn: Connection) -> None:
-    # The raw column is now sealed, so its length is no longer the mail's size: keep the size
+    # The raw column is now sealed, so its length is no longer the mail's size: keep it
     # beside it for the per-mailbox quota of held mail.
     await conn.execute("ALTER TABLE inbound_message ADD COLUMN size BIGINT NOT NULL DEFAULT 0")
     await conn.execute("UPDATE inbound_message SET size = LENGTH(raw)")
