@@ -91,7 +91,7 @@ class MatrixHandler:
 
     async def dispatch(self, evt: Event) -> None:
         """Called in transaction order, after the state store has seen the event."""
-        if not self.inbox.started:
+        if not self.inbox.resumed:
             # Until app.py calls start(): before this process records its first row.
             await self.inbox.start()
         await self._route_to_guard(evt)

@@ -152,13 +152,13 @@ class Inbox:
         self._queued: dict[RoomID, IncomingTransaction | None] = {}  # drains not yet started
         self._timers: dict[RoomID, tuple[int, asyncio.TimerHandle]] = {}
         self._watching: dict[tuple[RoomID, str], asyncio.Task[None]] = {}
-        self.started = False
+        self.resumed = False
 
     async def start(self) -> None:
         """Resume what an earlier run left; idempotent."""
-        if self.started:
+        if self.resumed:
             return
-        self.started = True
+        self.resumed = True
         dropped = await self.store.drop_unfinished()
         if dropped:
             self.log.info("Dropped %d events of unfinished transactions (resent by Synapse)",
