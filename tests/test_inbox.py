@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 
 import pytest
 from mautrix.errors import DecryptionError, SessionNotFound
-from mautrix.types import EncryptedEvent, Event, EventID, MessageEvent, RoomID, UserID
+from mautrix.types import (
+    EncryptedEvent,
+    Event,
+    EventID,
+    MessageEvent,
+    RedactionEvent,
+    RoomID,
+    UserID,
+)
 from mautrix.util.async_db import Database
 
 from bridge.db import TxnLog
@@ -78,6 +86,9 @@ class World:
     inboxes: list[Inbox] = field(default_factory=list)
 
     async def handle(self, evt: Event) -> None:
+        if isinstance(evt, RedactionEvent):
+            self.handled.append((evt.sender, f"redacts {evt.redacts}"))
+            return
         body = evt.content.body
         if body in self.crash_on:
             raise RuntimeError("handler bug")
@@ -226,3 +237,23 @@ async def test_a_crashing_handler_is_retried_then_dropped_without_holding_others
         inbox.schedule(ROOM)
         await settle(inbox)
     assert await pending(db) == 0
+
+
+async def test_a_message_redacted_while_waiting_is_never_handled_nor_told(
+    db: Database, world: World
+) -> None:
+    inbox = make_inbox(db, world)
+    await inbox.start()
+    waiting = encrypted(ALICE, "late", "oops")
+    await inbox.record(waiting)
+    await settle(inbox)
+    await inbox.record(RedactionEvent.deserialize({
+        "type": "m.room.redaction", "room_id": ROOM, "sender": ALICE, "event_id": "$red",
+        "origin_server_ts": 2, "redacts": waiting.event_id, "content": {},
+    }))
+    await settle(inbox)
+    world.now += 301_000
+    inbox.schedule(ROOM)
+    await settle(inbox)
+    assert world.handled == [(ALICE, f"redacts {waiting.event_id}")]
+    assert world.told == [] and await pending(db) == 0

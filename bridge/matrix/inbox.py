@@ -27,7 +27,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mautrix.errors import DecryptionError, SessionNotFound
-from mautrix.types import EncryptedEvent, Event, EventID, EventType, RoomID, UserID
+from mautrix.types import (
+    EncryptedEvent,
+    Event,
+    EventID,
+    EventType,
+    RedactionEvent,
+    RoomID,
+    UserID,
+)
 from mautrix.util.async_db import Database
 
 from ..db import TxnLog
@@ -90,6 +98,15 @@ class InboxStore:
             evt.event_id, evt.room_id, evt.sender, session_id, txn_id,
             json.dumps(evt.serialize()), now_ms(),
         )
+
+    async def forget(self, room_id: RoomID, event_id: EventID) -> bool:
+        """Drop a pending row (its event was redacted before it could be handled)."""
+        found = await self.db.fetchval(
+            "SELECT id FROM matrix_inbox WHERE room_id=$1 AND event_id=$2", room_id, event_id
+        )
+        if found is not None:
+            await self.delete(found)
+        return found is not None
 
     async def rows(self, room_id: RoomID) -> list[InboxRow]:
         records = await self.db.fetch(
@@ -179,6 +196,13 @@ class Inbox:
         """Called while dispatching a transaction: the row exists before the 200."""
         txn = current_transaction()
         try:
+            if isinstance(evt, RedactionEvent) and evt.redacts:
+                # A message deleted while still waiting (say, for its key) is never mailed, and
+                # its sender is not told that it could not be read.
+                if await self.store.forget(evt.room_id, evt.redacts):
+                    self.log.getChild(evt.room_id).info(
+                        "%s was redacted before it was handled", evt.redacts
+                    )
             await self.store.add(evt, txn.txn_id if txn else "")
         except Exception as e:
             raise MustRetry(f"could not record {evt.event_id}") from e
