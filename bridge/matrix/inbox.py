@@ -170,12 +170,16 @@ class Inbox:
         self._timers: dict[RoomID, tuple[int, asyncio.TimerHandle]] = {}
         self._watching: dict[tuple[RoomID, str], asyncio.Task[None]] = {}
         self.resumed = False
+        self._resumed_at = 0
 
     async def start(self) -> None:
         """Resume what an earlier run left; idempotent."""
         if self.resumed:
             return
         self.resumed = True
+        # Keys for events that waited while the bridge was down come in the transactions that
+        # follow the restart: the bound runs from the restart for those.
+        self._resumed_at = now_ms()
         dropped = await self.store.drop_unfinished()
         if dropped:
             self.log.info("Dropped %d events of unfinished transactions (resent by Synapse)",
@@ -266,7 +270,7 @@ class Inbox:
             try:
                 evt = await self._decrypt(evt)
             except SessionNotFound as e:
-                give_up_at = row.received_at + self.undecryptable_after_ms
+                give_up_at = max(row.received_at, self._resumed_at) + self.undecryptable_after_ms
                 if now < give_up_at:
                     self._watch(row.room_id, str(e.session_id), give_up_at)
                     return give_up_at
