@@ -2,8 +2,8 @@
 
 A direct chat is a room with exactly two people in it, joined or invited: the two who talk.
 Flags such as ``is_direct`` or a user's ``m.direct`` list are client hints that either side can
-set or leave out, so they are not part of it. (A portal's kind ``one_correspondent`` — a
-conversation with one email correspondent — is a different idea.)
+set or leave out, so they are not part of it. (A portal's kind ``"dm"`` — a conversation with
+one email correspondent, whoever else is in its room — is a different idea.)
 
 A leaf module (mautrix types only): any layer may import it.
 """
