@@ -97,6 +97,22 @@ def strict_extra() -> dict[str, Any]:
     }
 
 
+# The postfix bridge (LMTP behind a real Postfix, with the policy service; tests/test_postfix.py
+# sets its ports) acts only for these users.
+POSTFIX_USERS = [f"pf{i}" for i in range(1, 6)]
+
+
+def postfix_extra() -> dict[str, Any]:
+    return {
+        "appservice.id": "cloakroom-postfix",
+        "appservice.bot_username": "postfixbot",
+        "bridge.username_template": "_email4_{address}",
+        "permissions": {"localhost": "none", **{f"@{u}:localhost": "user"
+                                               for u in POSTFIX_USERS}},
+        "email.listen.protocol": "lmtp",
+    }
+
+
 def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     """DNS and Synapse running, the bridge configured (call env.bridge.start() to run it)."""
     hs_port, as_port, smtp_port = free_port(), free_port(), free_port()
@@ -117,11 +133,16 @@ def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
         base, hs_url, strict_port, strict_smtp, dns.port, relay.port,
         {**strict_extra(), **(extra or {})}, name="config-strict",
     )
+    postfix_port, postfix_lmtp = free_port(), free_port()
+    postfix_config = write_bridge_config(
+        base, hs_url, postfix_port, postfix_lmtp, dns.port, relay.port,
+        {**postfix_extra(), **(extra or {})}, name="config-postfix",
+    )
     synapse = LocalSynapse(
         base_dir=base / "synapse",
         port=hs_port,
         registration_files=[base / "reg.yaml", base / "reg-onboarding.yaml",
-                            base / "reg-strict.yaml"],
+                            base / "reg-strict.yaml", base / "reg-postfix.yaml"],
         relaxed_rate_limits=True,
     )
     synapse.prepare()
@@ -135,6 +156,8 @@ def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     env.onboarding_smtp_port = onb_smtp
     env.strict = BridgeProcess(strict_config, strict_port, base / "bridge-strict.log")
     env.strict_smtp_port = strict_smtp
+    # Started by tests/test_postfix.py, after it has set the ports of its Postfix.
+    env.postfix = BridgeProcess(postfix_config, postfix_port, base / "bridge-postfix.log")
     return env
 
 
@@ -142,6 +165,8 @@ def stop_stack(env: Env) -> None:
     env.bridge.stop()
     env.onboarding.stop()
     env.strict.stop()
+    if getattr(env, "postfix", None) is not None:
+        env.postfix.stop()
     env.synapse.stop()
     env.dns.__exit__(None, None, None)
     env.relay.stop()

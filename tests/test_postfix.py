@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import smtplib
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from email.utils import parseaddr
 from pathlib import Path
 
 import pytest
+from nio import RoomMessageText
 
+import bridge.email.inbound as inbound_module
+from bridge.config import write_values
 from bridge.email.mailbox import NO_SUCH_USER, OK, RELAY_DENIED
 from bridge.email.policy import (
     CHECK_FAILED,
@@ -26,6 +31,12 @@ from bridge.email.policy import (
     action_for,
     start_policy_server,
 )
+from bridge.quickstart.synapse import free_port
+
+from .harness import Env, accept_invite, send_text, wait_for_event
+from .mail import make_mail, send, unique
+from .postfix import Postfix, Ports, unavailable
+from .relay import Received, TestRelay
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 
@@ -190,3 +201,189 @@ def test_action_for_keeps_answers_on_one_line():
     assert action_for(OK) == "DUNNO"
     assert action_for(RELAY_DENIED) == RELAY_DENIED
     assert action_for("550 5.1.1 two\r\nlines") == "550 5.1.1 two lines"
+
+
+# --- A real Postfix in front of the `postfix` bridge (tests/stack.py) -------------------------
+
+DOMAIN = "cloakroom.test"  # the postfix bridge's email.domain (its Matrix users are :localhost)
+HELD = f"pf3@{DOMAIN}"  # routed through a transport that waits for `postqueue -f`
+HOLD_LIMIT = 2  # email.hold.max_messages of the postfix bridge
+
+
+@pytest.fixture(scope="module")
+def postfix(env: Env) -> Iterator[Postfix]:
+    """Postfix (deploy/'s configuration) in front of the postfix bridge, and a sink behind it."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    if not hasattr(inbound_module, "start_policy_server"):
+        pytest.skip("the bridge does not start the policy service yet (bridge/email/inbound.py)")
+    sink = TestRelay().start()
+    ports = Ports(smtpd=free_port(), submission=free_port(), lmtp=free_port(),
+                  policy=free_port(), sink=sink.port)
+    server = Postfix(ports, domain=DOMAIN, held=[HELD])
+    write_values(env.postfix.config_path, {
+        "email.domain": DOMAIN,
+        "email.listen.port": ports.lmtp,
+        "email.policy.listen.port": ports.policy,
+        "email.relay.host": "127.0.0.1",
+        "email.relay.port": ports.submission,
+        "email.relay.security": "none",
+        "email.auth.trusted_authserv_id": server.hostname,
+        "email.hold.max_messages": HOLD_LIMIT,
+    })
+    server.sink = sink  # type: ignore[attr-defined]
+    try:
+        server.start()
+        env.postfix.start()
+        yield server
+    finally:
+        env.postfix.stop()
+        server.stop()
+        sink.stop()
+
+
+async def deliver_through(postfix: Postfix, to: str, **mail: str) -> str:
+    """A mail into Postfix's port 25 for ``to``; returns the unique text in its body."""
+    token = unique("pf")
+    await send(postfix.ports.smtpd, make_mail(to=to, text=f"Through Postfix {token}", **mail),
+               [to])
+    return token
+
+
+async def wait_in_thread(postfix: Postfix, what: str, predicate, timeout: float = 60) -> None:
+    await asyncio.to_thread(postfix.wait_for, predicate, what, timeout)
+
+
+def body_with(token: str):
+    return lambda e: isinstance(e, RoomMessageText) and token in e.body
+
+
+async def test_mail_through_postfix_arrives_decrypted_in_matrix(running: Env, postfix: Postfix):
+    alice = await running.new_user("pf1")
+    token = await deliver_through(postfix, f"pf1@{DOMAIN}")
+    room_id = await accept_invite(alice, inviter_prefix="@_email4_")
+    event = await wait_for_event(alice, room_id, body_with(token))
+    assert event.sender.startswith("@_email4_")
+    # It went Postfix → LMTP → bridge: Postfix's log has the delivery to the bridge's port.
+    (line,) = postfix.deliveries(f"pf1@{DOMAIN}", "sent")
+    assert f"127.0.0.1[127.0.0.1]:{postfix.ports.lmtp}" in line and "250 2.0.0" in line
+
+
+async def test_postfix_refuses_what_the_bridge_would_refuse_at_rcpt(
+    running: Env, postfix: Postfix
+):
+    # pf2 exists but never logs in: the mail waits in the bridge, up to HOLD_LIMIT messages.
+    await running.register("pf2")
+    for _ in range(HOLD_LIMIT):
+        await deliver_through(postfix, f"pf2@{DOMAIN}")
+    await wait_in_thread(postfix, f"{HOLD_LIMIT} mails handed to the bridge",
+                         lambda: len(postfix.deliveries(f"pf2@{DOMAIN}", "sent")) == HOLD_LIMIT)
+    refusals = {
+        f"nobody@{DOMAIN}": (550, b"5.1.1"),
+        f"outsider@{DOMAIN}": (550, b"5.7.1"),  # not permitted on the postfix bridge
+        f"pf2@{DOMAIN}": (452, b"4.2.2"),  # mailbox full
+    }
+    for address, (code, enhanced) in refusals.items():
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            await deliver_through(postfix, address)
+        ((got_code, text),) = refused.value.recipients.values()
+        assert (got_code, text[:5]) == (code, enhanced), (address, text)
+    # Refused before queueing: nothing for them reached Postfix's queue, so nothing bounces.
+    log = "\n".join(postfix.log_lines())
+    for address in refusals:
+        assert f"NOQUEUE: reject: RCPT from localhost[127.0.0.1]" in log
+        assert not postfix.deliveries(address, "bounced")
+    assert len(postfix.deliveries(f"pf2@{DOMAIN}", "sent")) == HOLD_LIMIT
+    assert postfix.queue() == []
+    # One good and one unknown recipient: the good one is still delivered.
+    alice = f"pf1@{DOMAIN}"
+    refused_now = await send(postfix.ports.smtpd, make_mail(to=alice), [alice, f"nobody@{DOMAIN}"])
+    assert list(refused_now) == [f"nobody@{DOMAIN}"]
+
+
+async def test_postfix_keeps_mail_while_the_bridge_is_down(running: Env, postfix: Postfix):
+    carol = await running.new_user("pf3")
+    token = await deliver_through(postfix, HELD)
+    # Accepted and queued; its transport waits for a flush (defer_transports).
+    await wait_in_thread(postfix, "the mail queued", lambda: len(postfix.queue()) == 1)
+    running.postfix.stop()
+    postfix.flush()
+    await wait_in_thread(postfix, "a failed delivery attempt while the bridge is down",
+                         lambda: any("Connection refused" in line
+                                     for line in postfix.deliveries(HELD, "deferred")))
+    assert len(postfix.queue()) == 1  # still there
+    running.postfix.start()
+    postfix.flush()
+    await wait_in_thread(postfix, "the mail delivered", lambda: postfix.deliveries(HELD, "sent"))
+    room_id = await accept_invite(carol, inviter_prefix="@_email4_")
+    await wait_for_event(carol, room_id, body_with(token))
+    assert postfix.queue() == []
+
+
+async def test_an_answer_from_matrix_leaves_through_postfix(running: Env, postfix: Postfix):
+    dave = await running.new_user("pf4")
+    message_id = f"<{unique('in')}@example.org>"
+    await deliver_through(postfix, f"pf4@{DOMAIN}", subject="Lunch?", message_id=message_id)
+    room_id = await accept_invite(dave, inviter_prefix="@_email4_")
+    await wait_for_event(dave, room_id, lambda e: isinstance(e, RoomMessageText))
+    token = unique("answer")
+    await send_text(dave, room_id, f"Yes please {token}")
+    sink: TestRelay = postfix.sink  # type: ignore[attr-defined]
+    (mail,) = await asyncio.to_thread(sink.wait_for, lambda r: token.encode() in r.data)
+    assert isinstance(mail, Received)
+    assert mail.mail_from == f"pf4@{DOMAIN}" and mail.rcpt_tos == ["bob@example.org"]
+    msg = mail.message
+    assert parseaddr(msg["From"])[1] == f"pf4@{DOMAIN}"
+    assert parseaddr(msg["To"])[1] == "bob@example.org"
+    assert msg["Subject"] == "Re: Lunch?"
+    assert msg["In-Reply-To"] == message_id and message_id in msg["References"]
+    assert msg["Message-ID"]
+    # It passed through Postfix's loopback service (the bridge's relay), not around it.
+    assert f"by {postfix.hostname} (Postfix)" in msg["Received"]
+    (line,) = [entry for entry in postfix.log_lines()
+               if "postfix/cloakroom/smtpd" in entry and "client=localhost" in entry]
+    assert postfix.deliveries("bob@example.org", "sent")
+
+
+async def test_a_forged_authentication_results_header_is_removed_by_postfix(
+    running: Env, postfix: Postfix
+):
+    # The bridge believes Authentication-Results from mx.cloakroom.test (trusted_authserv_id):
+    # one that comes from outside must not reach it, or anyone could claim dmarc=pass.
+    erin = await running.new_user("pf5")
+    forged = f"{postfix.hostname}; spf=pass smtp.mailfrom=example.org; dkim=pass " \
+             "header.d=example.org; dmarc=pass header.from=example.org"
+    token = await deliver_through(postfix, f"pf5@{DOMAIN}",
+                                  headers={"Authentication-Results": forged})
+    room_id = await accept_invite(erin, inviter_prefix="@_email4_")
+    event = await wait_for_event(erin, room_id, body_with(token))
+    # Checked by the bridge itself instead: from 127.0.0.1 nothing verifies.
+    assert "could not verify" in event.body
+
+
+def test_deploy_files_are_commented_and_name_what_the_tests_replace():
+    main = (DEPLOY / "postfix-main.cf").read_text()
+    master = (DEPLOY / "postfix-master.cf").read_text()
+    for needle in ("virtual_transport = lmtp:inet:127.0.0.1:10025",
+                   "check_policy_service inet:127.0.0.1:10031", "header_checks ="):
+        assert needle in main
+    assert "127.0.0.1:10587 inet" in master
+    assert "\nsmtp      inet" in master
+
+
+def test_systemd_unit_verifies():
+    unit = DEPLOY / "cloakroom.service"
+    text = unit.read_text()
+    for needle in ("ProtectSystem=strict", "StateDirectory=cloakroom", "NoNewPrivileges=yes",
+                   "PrivateTmp=yes", "RestrictAddressFamilies=",
+                   "-m bridge -c /etc/cloakroom/config.yaml"):
+        assert needle in text
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (only the unit's settings were checked)")
+    proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    # ExecStart's interpreter is not installed here; every other complaint is a real one.
+    problems = [line for line in (proc.stdout + proc.stderr).splitlines()
+                if line.strip() and "/opt/cloakroom" not in line]
+    assert not problems, problems
