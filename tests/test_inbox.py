@@ -276,3 +276,17 @@ async def test_after_a_long_downtime_the_bound_runs_from_the_restart(
     world.crypto.arrive("backlog")
     await settle(second)
     assert world.handled == [(ALICE, "written while we were down")]
+
+
+async def test_an_event_sent_again_under_a_new_transaction_is_handled_once(
+    db: Database, world: World
+) -> None:
+    inbox = make_inbox(db, world)
+    await inbox.start()
+    world.crypto.keys.add("s")
+    evt = encrypted(ALICE, "s", "once")
+    await inbox.record(evt)
+    await settle(inbox)
+    await inbox.record(evt)  # the homeserver lost track and sends it again
+    await settle(inbox)
+    assert world.handled == [(ALICE, "once")] and await pending(db) == 0

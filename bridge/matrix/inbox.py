@@ -50,6 +50,8 @@ MAX_ATTEMPTS = 6
 RETRY_CAP_MS = 5 * 60 * 1000
 # When the database fails mid-drain, look at the room again this soon.
 DB_RETRY_MS = 5000
+# How often the IDs of handled events past the transaction log's retention are forgotten.
+PRUNE_EVERY_MS = 3600 * 1000
 
 Decrypt = Callable[[EncryptedEvent], Awaitable[Event]]
 Handle = Callable[[Event], Awaitable[None]]
@@ -86,7 +88,12 @@ class InboxStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def add(self, evt: Event, txn_id: str) -> None:
+    async def add(self, evt: Event, txn_id: str) -> bool:
+        """Record an event; False when it was handled before (sent again, new transaction)."""
+        if await self.db.fetchval(
+            "SELECT 1 FROM matrix_inbox_done WHERE event_id=$1", evt.event_id
+        ) is not None:
+            return False
         session_id = getattr(evt.content, "session_id", None) if isinstance(
             evt, EncryptedEvent
         ) else None
@@ -98,6 +105,21 @@ class InboxStore:
             evt.event_id, evt.room_id, evt.sender, session_id, txn_id,
             json.dumps(evt.serialize()), now_ms(),
         )
+        return True
+
+    async def finish(self, row_id: int, event_id: EventID) -> None:
+        """The row is dealt with: gone, and its event never taken in again."""
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM matrix_inbox WHERE id=$1", row_id)
+            await conn.execute(
+                "INSERT INTO matrix_inbox_done (event_id, done_at) VALUES ($1, $2) "
+                "ON CONFLICT (event_id) DO NOTHING",
+                event_id, now_ms(),
+            )
+
+    async def prune_done(self) -> None:
+        cutoff = now_ms() - TxnLog.RETENTION_MS
+        await self.db.execute("DELETE FROM matrix_inbox_done WHERE done_at < $1", cutoff)
 
     async def forget(self, room_id: RoomID, event_id: EventID) -> bool:
         """Drop a pending row (its event was redacted before it could be handled)."""
@@ -105,7 +127,7 @@ class InboxStore:
             "SELECT id FROM matrix_inbox WHERE room_id=$1 AND event_id=$2", room_id, event_id
         )
         if found is not None:
-            await self.delete(found)
+            await self.finish(found, event_id)
         return found is not None
 
     async def rows(self, room_id: RoomID) -> list[InboxRow]:
@@ -171,6 +193,7 @@ class Inbox:
         self._watching: dict[tuple[RoomID, str], asyncio.Task[None]] = {}
         self.resumed = False
         self._resumed_at = 0
+        self._pruned_at = 0
 
     async def start(self) -> None:
         """Resume what an earlier run left; idempotent."""
@@ -180,6 +203,7 @@ class Inbox:
         # Keys for events that waited while the bridge was down come in the transactions that
         # follow the restart: the bound runs from the restart for those.
         self._resumed_at = now_ms()
+        await self._prune()
         dropped = await self.store.drop_unfinished()
         if dropped:
             self.log.info("Dropped %d events of unfinished transactions (resent by Synapse)",
@@ -221,6 +245,10 @@ class Inbox:
         self._queued[room_id] = after
         self.queues.submit(room_id, self._drain(room_id, after))
 
+    async def _prune(self) -> None:
+        self._pruned_at = now_ms()
+        await self.store.prune_done()
+
     def _is_open(self, txn_id: str) -> bool:
         txn = self._open.get(txn_id)
         if txn is not None and txn.done.is_set():
@@ -234,6 +262,8 @@ class Inbox:
         if self._queued.get(room_id) is after:
             del self._queued[room_id]
         try:
+            if now_ms() - self._pruned_at > PRUNE_EVERY_MS:
+                await self._prune()
             wake_at = await self._drain_rows(room_id)
         except Exception:
             self.log.getChild(room_id).exception("Inbox round failed; trying again soon")
@@ -264,7 +294,7 @@ class Inbox:
             evt = row.event()
         except Exception:
             log.exception("Dropping %s: its stored form cannot be read", row.event_id)
-            await self.store.delete(row.id)
+            await self.store.finish(row.id, row.event_id)
             return None
         if isinstance(evt, EncryptedEvent):
             try:
@@ -286,7 +316,7 @@ class Inbox:
             log.exception("Failed to handle %s from %s (attempt %d)", row.event_id, row.sender,
                           row.attempts + 1)
             return await self._retry_later(row, now)
-        await self.store.delete(row.id)
+        await self.store.finish(row.id, row.event_id)
         return None
 
     async def _give_up(self, row: InboxRow, now: int) -> int | None:
@@ -297,7 +327,7 @@ class Inbox:
                 "Could not tell %s that %s was unreadable", row.sender, row.event_id
             )
             return await self._retry_later(row, now)
-        await self.store.delete(row.id)
+        await self.store.finish(row.id, row.event_id)
         return None
 
     async def _retry_later(self, row: InboxRow, now: int) -> int | None:
@@ -306,7 +336,7 @@ class Inbox:
             self.log.getChild(row.room_id).error(
                 "Giving up on %s from %s after %d attempts", row.event_id, row.sender, attempts
             )
-            await self.store.delete(row.id)
+            await self.store.finish(row.id, row.event_id)
             return None
         next_try_at = now + backoff_ms(attempts, RETRY_CAP_MS)
         await self.store.postpone(row.id, attempts, next_try_at)

@@ -30,3 +30,13 @@ async def upgrade_v6(conn: Connection, scheme: Scheme) -> None:
         )
     """)
     await conn.execute("CREATE INDEX matrix_inbox_room ON matrix_inbox (room_id, id)")
+    # Events already handled, by ID only (the event itself is gone with its row): a homeserver
+    # that sends an event again under a new transaction id must not have it handled twice.
+    # Pruned after the transaction log's retention.
+    await conn.execute("""
+        CREATE TABLE matrix_inbox_done (
+            event_id TEXT PRIMARY KEY,
+            done_at  BIGINT NOT NULL
+        )
+    """)
+    await conn.execute("CREATE INDEX matrix_inbox_done_at ON matrix_inbox_done (done_at)")
