@@ -402,3 +402,7 @@ def test_systemd_unit_verifies():
     problems = [line for line in (proc.stdout + proc.stderr).splitlines()
                 if line.strip() and "/opt/cloakroom" not in line]
     assert not problems, problems
+    # systemd's own exposure score (0 best, 10 worst): the unit stays well hardened.
+    proc = subprocess.run([analyze, "security", "--offline=yes", "--threshold=20", str(unit)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
