@@ -100,3 +100,20 @@ async def test_a_transaction_over_1_mib_is_accepted_and_processed(running: Env) 
     assert await _put(running, f"big-{secrets.token_hex(4)}", body, running.hs_token) == 200
     _, reply = await sync_until(alice, from_sender(room_id, running.bot_mxid))
     assert "Cloakroom commands" in reply.body
+
+
+async def test_an_event_sent_again_under_a_new_transaction_id_is_handled_once(
+    running: Env,
+) -> None:
+    alice = await running.new_user()
+    room_id = await open_dm_with_bot(alice, running.bot_mxid)
+    first = _message_txn(room_id, alice.user_id, "status")
+    assert await _put(running, f"one-{secrets.token_hex(4)}", first, running.hs_token) == 200
+    _, reply = await sync_until(alice, from_sender(room_id, running.bot_mxid))
+    assert "Bot device" in reply.body
+    # A homeserver that lost track of what it sent: the same event, another transaction.
+    assert await _put(running, f"two-{secrets.token_hex(4)}", first, running.hs_token) == 200
+    assert await _put(running, f"three-{secrets.token_hex(4)}",
+                      _message_txn(room_id, alice.user_id, "help"), running.hs_token) == 200
+    _, second = await sync_until(alice, from_sender(room_id, running.bot_mxid))
+    assert "Cloakroom commands" in second.body, f"the event was handled twice: {second.body}"
