@@ -153,8 +153,8 @@ class InboxStore:
     async def drop_unfinished(self) -> int:
         """Rows of transactions never recorded as done: Synapse resends those transactions.
 
-        Only rows younger than the transaction log's retention can be told apart (an older
-        transaction id may have been pruned after it was marked), so only those are dropped.
+        Only rows well inside the transaction log's retention (half of it) can be told apart:
+        an older transaction id may have been pruned after it was marked, so those are kept.
         """
         cutoff = now_ms() - TxnLog.RETENTION_MS // 2
         rows = await self.db.fetch(
