@@ -1,9 +1,10 @@
 """Faults under load (issue 10): the bridge killed, the homeserver frozen or crashed, a SIGTERM
 with SMTP sessions open. Every scenario counts what it sent and what arrived, and prints it.
 
-Sizes are scaled down from the issue (300 mails, a 30 s freeze) so that all fault tests together
-stay within a few minutes on a shared 2-core machine; each keeps its point: faults land while
-mail is both being accepted and being delivered.
+Sizes: the issue's 300 mails and 30 s freeze, since the bridge takes them in seconds here; the
+smaller batches (30 around a homeserver fault, 40 around a SIGTERM) only need to straddle the
+fault. All fault tests together take about two minutes on a shared 2-core machine. In each, the
+faults land while mail is both being accepted and being delivered.
 
 Exactly-once is checked by counting, without sleeps: a mail is *accepted* when its client read
 the 250; the test then polls the rooms until every accepted mail is there (or a deadline), and
@@ -16,22 +17,23 @@ printed as ``in doubt``, and allowed one copy each.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import secrets
 import signal
 import smtplib
-import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
 from nio import AsyncClient, InviteMemberEvent, MegolmEvent, RoomMessageText
 
 from .harness import Env, room_history, sync_until
-from .mail import make_mail, unique
+from .mail import make_mail, send, unique
 
 # How long a client waits for the bridge's answer to one command: longer than any honest answer,
 # short enough that a hung session shows as a failure rather than a stuck test.
@@ -67,25 +69,29 @@ class MailLoad:
     tag: str = field(default_factory=lambda: unique("load"))
     deadline_seconds: float = 240.0
     mails: list[list[Mail]] = field(default_factory=list)
+    by_hand: list[Mail] = field(default_factory=list)  # sent by the test itself, counted too
     failures: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _accepted: int = 0
 
     def __post_init__(self) -> None:
-        for c in range(self.connections):
-            sender = f"{self.tag}-c{c}@example.org"
-            row = []
-            for n in range(self.per_connection):
-                token = f"{self.tag} c{c} n{n}"
-                msg = make_mail(to=self.to, sender=f"Load {c} <{sender}>",
-                                subject=f"Load {c}", text=token)
-                row.append(Mail(token, sender,
-                                msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))))
-            self.mails.append(row)
+        self.mails = [[self._mail(c, n) for n in range(self.per_connection)]
+                      for c in range(self.connections)]
+
+    def _mail(self, connection: int, n: int) -> Mail:
+        # One correspondent per connection: one room each, delivered in parallel by the bridge.
+        sender = self._sender(connection)
+        token = f"{self.tag} c{connection} n{n}"
+        msg = make_mail(to=self.to, sender=f"Load {connection} <{sender}>",
+                        subject=f"Load {connection}", text=token)
+        return Mail(token, sender, msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
 
     @property
     def senders(self) -> list[str]:
-        return [row[0].sender for row in self.mails]
+        return [self._sender(c) for c in range(self.connections)]
+
+    def _sender(self, connection: int) -> str:
+        return f"{self.tag}-c{connection}@example.org"
 
     @property
     def accepted(self) -> int:
@@ -94,7 +100,13 @@ class MailLoad:
 
     @property
     def all(self) -> list[Mail]:
-        return [m for row in self.mails for m in row]
+        return [m for row in self.mails for m in row] + self.by_hand
+
+    def hand_mail(self, connection: int) -> Mail:
+        """One more mail from that connection's correspondent, for the test to send itself."""
+        mail = self._mail(connection, self.per_connection + len(self.by_hand))
+        self.by_hand.append(mail)
+        return mail
 
     def _failed(self, kind: str) -> None:
         with self.lock:
@@ -112,8 +124,7 @@ class MailLoad:
                 raise smtplib.SMTPResponseException(code, text)
         # smtplib.data() in steps, to know when the whole message has left: from then on a cut
         # session leaves the mail in doubt (maybe committed, the 250 lost).
-        body = re.sub(rb"(?m)^\.", b"..", mail.data)
-        smtp.send(body + (b"" if body.endswith(b"\r\n") else b"\r\n") + b".\r\n")
+        smtp.send(data_payload(mail.data))
         try:
             code, text = smtp.getreply()
         except (smtplib.SMTPException, OSError):
@@ -138,18 +149,15 @@ class MailLoad:
                         with self.lock:
                             self._accepted += 1
                 except smtplib.SMTPResponseException as e:
+                    # An answer (also SMTPConnectError: a 421 greeting while draining).
                     if e.smtp_code >= 500:
                         mail.refused = f"{e.smtp_code} {e.smtp_error!r}"
                     self._failed(str(e.smtp_code))
                     smtp = _drop(smtp)
-                except smtplib.SMTPConnectError as e:
-                    # The greeting was a refusal (421 while draining or starting).
-                    self._failed(str(e.smtp_code))
-                    smtp = _drop(smtp)
-                except (smtplib.SMTPServerDisconnected, ConnectionError, socket.timeout,
-                        OSError) as e:
-                    self._failed("refused" if isinstance(e, ConnectionRefusedError)
-                                 else "cut")
+                except OSError as e:
+                    # No answer: refused connect, reset, closed, timed out (smtplib's own
+                    # SMTPServerDisconnected is an OSError too).
+                    self._failed("refused" if isinstance(e, ConnectionRefusedError) else "cut")
                     smtp = _drop(smtp)
                 if not mail.accepted and mail.refused is None:
                     time.sleep(RETRY_PAUSE)
@@ -158,6 +166,12 @@ class MailLoad:
     async def run(self) -> None:
         await asyncio.gather(*(asyncio.to_thread(self._connection, c)
                                for c in range(self.connections)))
+
+
+def data_payload(data: bytes) -> bytes:
+    """What a client sends after 354: the message dot-stuffed, then the lone dot."""
+    body = re.sub(rb"(?m)^\.", b"..", data)
+    return body + (b"" if body.endswith(b"\r\n") else b"\r\n") + b".\r\n"
 
 
 def _drop(smtp: smtplib.SMTP | None) -> None:
@@ -191,8 +205,6 @@ async def join_invites(client: AsyncClient, count: int, timeout: float = 90) -> 
 
 async def setup_rooms(env: Env, client: AsyncClient, load: MailLoad) -> list[str]:
     """One room per correspondent of the load, joined before the faults start."""
-    from .mail import send
-
     for sender in load.senders:
         msg = make_mail(to=load.to, sender=sender, subject="Setup", text=f"setup {sender}")
         assert await send(env.smtp_port, msg, [load.to], mail_from=sender) == {}
@@ -271,7 +283,7 @@ async def when(check: Callable[[], bool], timeout: float = 120, what: str = "con
         await asyncio.sleep(0.05)
 
 
-def kick_homeserver(env: Env) -> None:
+def kick_homeserver(env: Env) -> str:
     """Ask Synapse to ping the bridge: a successful ping ends its appservice back-off at once.
 
     After the bridge was down, Synapse retries its transactions with a growing delay (up to
@@ -279,10 +291,11 @@ def kick_homeserver(env: Env) -> None:
     wait for events that Synapse holds back."""
     as_id = env.config["appservice"]["id"]
     try:
-        env.synapse.request("POST", f"/_matrix/client/v1/appservice/{as_id}/ping", {},
-                            env.config["appservice"]["as_token"])
-    except OSError:
-        pass  # best effort: only shortens a wait
+        answer = env.synapse.request("POST", f"/_matrix/client/v1/appservice/{as_id}/ping", {},
+                                     env.config["appservice"]["as_token"])
+    except OSError as e:
+        return f"failed: {e}"  # best effort: it only shortens a wait
+    return f"{answer.get('duration_ms')} ms"
 
 
 class BridgeLog:
@@ -305,8 +318,9 @@ def _local(client: AsyncClient) -> str:
 # The scenarios -----------------------------------------------------------------------------------
 
 
-# The issue's 300 mails, scaled to 120 (4 connections × 30): two kills still land mid-stream.
-KILL_CONNECTIONS, KILL_PER_CONNECTION = 4, 30
+# The issue's size: 300 mails over 4 connections (75 each, under the stack's 120 per sender per
+# hour); sending takes seconds here, so both kills land while mail is coming in and going out.
+KILL_CONNECTIONS, KILL_PER_CONNECTION = 4, 75
 
 
 async def test_bridge_killed_twice_under_load_delivers_every_accepted_mail_once(
@@ -316,7 +330,8 @@ async def test_bridge_killed_twice_under_load_delivers_every_accepted_mail_once(
     load = MailLoad(running.smtp_port, f"{_local(alice)}@localhost",
                     KILL_CONNECTIONS, KILL_PER_CONNECTION)
     rooms = await setup_rooms(running, alice, load)
-    seed = secrets.randbits(32)
+    # FAULT_SEED=<the printed seed> replays the same kill moments.
+    seed = int(os.environ.get("FAULT_SEED") or secrets.randbits(32))
     rng = random.Random(seed)
     total = len(load.all)
     # Random moments, tied to progress so that both land while mail is still coming in.
@@ -324,16 +339,17 @@ async def test_bridge_killed_twice_under_load_delivers_every_accepted_mail_once(
                       rng.randint(total * 4 // 8, total * 6 // 8)])
     started = time.monotonic()
     sending = asyncio.create_task(load.run())
-    kills: list[float] = []
+    restarts: list[float] = []
+    pings: list[str] = []
     try:
         for moment in moments:
-            await when(lambda: load.accepted >= moment or sending.done(),
+            await when(lambda moment=moment: load.accepted >= moment or sending.done(),
                        what=f"{moment} mails accepted")
             assert running.bridge.stop(signal.SIGKILL) == -signal.SIGKILL
             down = time.monotonic()
             await asyncio.to_thread(running.bridge.start)
-            kills.append(round(time.monotonic() - down, 1))
-            await asyncio.to_thread(kick_homeserver, running)
+            restarts.append(round(time.monotonic() - down, 1))
+            pings.append(await asyncio.to_thread(kick_homeserver, running))
         await sending
     finally:
         if not sending.done():
@@ -341,74 +357,185 @@ async def test_bridge_killed_twice_under_load_delivers_every_accepted_mail_once(
     sent_in = time.monotonic() - started
     t = await tally(alice, rooms, load)
     t.show("bridge SIGKILLed twice", mails=total, connections=KILL_CONNECTIONS, seed=seed,
-           kill_at_accepted=moments, restart_s=kills, failures=dict(load.failures),
+           kill_at_accepted=moments, restart_s=restarts, ping=pings, failures=dict(load.failures),
            sending_s=round(sent_in, 1), total_s=round(time.monotonic() - started, 1))
     assert_exactly_once(t, load)
 
 
-# The issue's 30 s freeze, scaled to 15 s: longer than the bridge's first retries (1+2+4+8 s).
-FREEZE_SECONDS = 15.0
+# The issue's 30 s: far longer than the bridge's first delivery retries (1 + 2 + 4 + 8 s).
+FREEZE_SECONDS = 30.0
 OUTAGE_CONNECTIONS, OUTAGE_PER_CONNECTION = 2, 15
+# Mail accepted before the fault: some of it is on its way to Synapse when the fault comes.
+BEFORE_FAULT = 4
 
 
-async def test_homeserver_frozen_then_crashed_during_mail_loses_and_doubles_nothing(
-    running: Env,
-) -> None:
+async def test_homeserver_frozen_during_mail_loses_and_doubles_nothing(running: Env) -> None:
     alice = await running.new_user()
-    to = f"{_local(alice)}@localhost"
-    frozen = MailLoad(running.smtp_port, to, OUTAGE_CONNECTIONS, OUTAGE_PER_CONNECTION)
-    crashed = MailLoad(running.smtp_port, to, OUTAGE_CONNECTIONS, OUTAGE_PER_CONNECTION)
-    rooms = await setup_rooms(running, alice, frozen)
+    load = MailLoad(running.smtp_port, f"{_local(alice)}@localhost",
+                    OUTAGE_CONNECTIONS, OUTAGE_PER_CONNECTION)
+    rooms = await setup_rooms(running, alice, load)
     bridge = running.bridge.process
     assert bridge is not None
-
-    # 1. SIGSTOP: Synapse accepts connections and answers nothing; the bridge's requests hang.
     log = BridgeLog(running)
     started = time.monotonic()
-    sending = asyncio.create_task(frozen.run())
+    sending = asyncio.create_task(load.run())
     try:
-        await when(lambda: frozen.accepted >= 4 or sending.done(), what="4 mails accepted")
+        await when(lambda: load.accepted >= BEFORE_FAULT or sending.done(),
+                   what=f"{BEFORE_FAULT} mails accepted")
+        # SIGSTOP: Synapse's sockets still take connections and nothing answers.
         running.synapse.pause()
         paused = time.monotonic()
         await sending  # mail for a user the bridge knows is still taken, 250 after commit
-        accepted_frozen = frozen.accepted
+        accepted_frozen = load.accepted - BEFORE_FAULT
         # The length of the outage is the point of the scenario, not a synchronisation.
         await asyncio.sleep(max(0.0, FREEZE_SECONDS - (time.monotonic() - paused)))
     finally:
-        running.synapse.resume()
+        running.synapse.resume()  # also when an assertion failed: the session shares Synapse
         if not sending.done():
             sending.cancel()
     frozen_for = time.monotonic() - paused
-    assert bridge.poll() is None, f"the bridge exited ({bridge.returncode}) while Synapse froze"
-    t = await tally(alice, rooms, frozen)
-    t.show("Synapse SIGSTOPped", mails=len(frozen.all), frozen_s=round(frozen_for, 1),
-           accepted_while_frozen=accepted_frozen - 4, failures=dict(frozen.failures),
-           delivery_retries=log.count("retrying in"),
-           total_s=round(time.monotonic() - started, 1))
-    assert_exactly_once(t, frozen)
+    alive = bridge.poll() is None
+    t = await tally(alice, rooms, load)
+    t.show("Synapse SIGSTOPped", mails=len(load.all), frozen_s=round(frozen_for, 1),
+           accepted_while_frozen=accepted_frozen, failures=dict(load.failures),
+           delivery_retries=log.count("retrying in"), bridge_alive=alive,
+           delivered_after_resume_s=round(time.monotonic() - started - frozen_for, 1))
+    assert alive, f"the bridge exited ({bridge.returncode}) while Synapse was frozen"
+    assert_exactly_once(t, load)
 
-    # 2. SIGKILL: the homeserver crashes mid-batch and comes back on the same database.
-    # New correspondents, so this half is counted on its own.
-    rooms2 = await setup_rooms(running, alice, crashed)
+
+async def test_homeserver_crashed_during_mail_loses_and_doubles_nothing(running: Env) -> None:
+    alice = await running.new_user()
+    load = MailLoad(running.smtp_port, f"{_local(alice)}@localhost",
+                    OUTAGE_CONNECTIONS, OUTAGE_PER_CONNECTION)
+    rooms = await setup_rooms(running, alice, load)
+    bridge = running.bridge.process
+    assert bridge is not None
     log = BridgeLog(running)
     started = time.monotonic()
-    sending = asyncio.create_task(crashed.run())
+    sending = asyncio.create_task(load.run())
     try:
-        await when(lambda: crashed.accepted >= 4 or sending.done(), what="4 mails accepted")
-        running.synapse.kill()
+        await when(lambda: load.accepted >= BEFORE_FAULT or sending.done(),
+                   what=f"{BEFORE_FAULT} mails accepted")
+        running.synapse.kill()  # SIGKILL; the same config and database come back below
         down = time.monotonic()
         await asyncio.to_thread(running.synapse.start)
         restart_s = time.monotonic() - down
         await sending
     finally:
-        if running.synapse.process is None:
+        if running.synapse.process is None:  # the restart failed: the session needs Synapse
             await asyncio.to_thread(running.synapse.start)
         if not sending.done():
             sending.cancel()
-    assert bridge.poll() is None, f"the bridge exited ({bridge.returncode}) when Synapse died"
-    t = await tally(alice, rooms2, crashed)
-    t.show("Synapse SIGKILLed and restarted", mails=len(crashed.all),
-           restart_s=round(restart_s, 1), failures=dict(crashed.failures),
-           delivery_retries=log.count("retrying in"),
+    alive = bridge.poll() is None
+    t = await tally(alice, rooms, load)
+    t.show("Synapse SIGKILLed and restarted", mails=len(load.all),
+           restart_s=round(restart_s, 1), failures=dict(load.failures),
+           delivery_retries=log.count("retrying in"), bridge_alive=alive,
            total_s=round(time.monotonic() - started, 1))
-    assert_exactly_once(t, crashed)
+    assert alive, f"the bridge exited ({bridge.returncode}) when Synapse died"
+    assert_exactly_once(t, load)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "no duplicate suppression: a mail whose 250 was lost after the commit (bridge killed, or "
+    "the connection cut, between InboundQueue.enqueue's commit and the 250 reaching the client) "
+    "and that the sending MTA resends, byte for byte, is queued and posted a second time "
+    "(bridge/email/listener.py _handle_DATA → _enqueue; nothing compares it with mail already "
+    "queued or delivered for that user)"))
+async def test_a_mail_resent_after_its_250_was_lost_is_posted_once(running: Env) -> None:
+    """The deterministic form of the kill test's `in doubt` case: the 250 is written, the client
+    never reads it (a cut on the way back), and the MTA sends the same message again."""
+    alice = await running.new_user()
+    load = MailLoad(running.smtp_port, f"{_local(alice)}@localhost", 1, 0)
+    rooms = await setup_rooms(running, alice, load)
+    mail, sentinel = load.hand_mail(0), load.hand_mail(0)
+    smtp = smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=SMTP_TIMEOUT)
+    try:
+        smtp.ehlo("mta.example.org")
+        assert smtp.mail(mail.sender)[0] == 250 and smtp.rcpt(load.to)[0] == 250
+        smtp.putcmd("data")
+        assert smtp.getreply()[0] == 354
+        smtp.send(data_payload(mail.data))
+        # Committed and posted, while its 250 sits unread: then the connection is cut.
+        await until_copies(alice, rooms, load, mail.token, 1)
+    finally:
+        _drop(smtp)
+    for then in (mail, sentinel):  # the MTA's resend, then the next mail of the conversation
+        assert await send(running.smtp_port, then.data, [load.to], mail_from=then.sender) == {}
+    await until_copies(alice, rooms, load, sentinel.token, 1)
+    copies, _ = await _copies(alice, rooms, load.tag)
+    print(f"\n[faults] 250 lost, resent: copies={copies[mail.token]}")
+    assert copies[mail.token] == 1, f"the resent mail was posted {copies[mail.token]} times"
+
+
+async def until_copies(client: AsyncClient, rooms: list[str], load: MailLoad, token: str,
+                       count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (await _copies(client, rooms, load.tag))[0][token] < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{token!r} not in the room within {timeout} s")
+        await asyncio.sleep(0.3)
+
+
+# The issue's SIGTERM under load, with 2 connections × 20 mails beside the two sessions watched.
+TERM_CONNECTIONS, TERM_PER_CONNECTION = 2, 20
+
+
+async def test_sigterm_says_421_to_open_sessions_and_loses_nothing(running: Env) -> None:
+    alice = await running.new_user()
+    load = MailLoad(running.smtp_port, f"{_local(alice)}@localhost",
+                    TERM_CONNECTIONS, TERM_PER_CONNECTION)
+    rooms = await setup_rooms(running, alice, load)
+    # Two sessions the test holds open: one idle after EHLO, one halfway through its DATA.
+    idle = smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=SMTP_TIMEOUT)
+    busy = smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=SMTP_TIMEOUT)
+    mail = load.hand_mail(0)
+    payload = data_payload(mail.data)
+    half = len(payload) // 2
+    try:
+        idle.ehlo("idle.example.org")
+        busy.ehlo("busy.example.org")
+        assert busy.mail(mail.sender)[0] == 250
+        assert busy.rcpt(load.to)[0] == 250
+        busy.putcmd("data")
+        assert busy.getreply()[0] == 354
+        busy.send(payload[:half])
+
+        started = time.monotonic()
+        sending = asyncio.create_task(load.run())
+        await when(lambda: load.accepted >= 8 or sending.done(), what="8 mails accepted")
+        process = running.bridge.process
+        assert process is not None
+        process.send_signal(signal.SIGTERM)
+        term = time.monotonic()
+        # The idle session hears the 421 unasked (RFC 5321 §3.8); the busy one finishes first.
+        idle_reply = await asyncio.to_thread(idle.getreply)
+        await asyncio.to_thread(busy.send, payload[half:])
+        busy_reply = await asyncio.to_thread(busy.getreply)
+        mail.accepted = busy_reply[0] == 250
+        busy_after = await asyncio.to_thread(busy.getreply)
+        exit_code = await asyncio.to_thread(running.bridge.stop)
+        exited_s = time.monotonic() - term
+        await asyncio.to_thread(running.bridge.start)
+        await asyncio.to_thread(kick_homeserver, running)
+        await sending
+    finally:
+        _drop(idle)
+        _drop(busy)
+    t = await tally(alice, rooms, load)
+    t.show("SIGTERM with sessions open", mails=len(load.all), idle_reply=_reply(idle_reply),
+           busy_data_reply=_reply(busy_reply), busy_next=_reply(busy_after),
+           exit_code=exit_code, failures=dict(load.failures),
+           exit_after_sigterm_s=round(exited_s, 1), total_s=round(time.monotonic() - started, 1))
+    assert idle_reply == (421, b"4.3.2 Service shutting down")
+    assert busy_reply[0] == 250, busy_reply
+    assert busy_after[0] == 421, busy_after
+    assert exit_code == 0, f"the bridge exited with {exit_code} on SIGTERM"
+    # A drain answers every DATA it let in: no client is left wondering.
+    assert t.in_doubt == 0, f"{t.in_doubt} session(s) cut between the final dot and the reply"
+    assert_exactly_once(t, load)
+
+
+def _reply(reply: tuple[int, bytes]) -> str:
+    return f"{reply[0]} {reply[1].decode(errors='replace')}"
