@@ -112,11 +112,14 @@ class PolicyServer:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def start(self, host: str, port: int) -> PolicyServer:
+        """Listen on host:port (port 0: any free port, see ``.port``)."""
         # limit: a line longer than MAX_LINE makes readline() raise instead of buffering it.
         self.server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE + 2)
+        log.info("Answering Postfix policy requests on %s:%d", host, self.port)
         return self
 
     def close(self) -> None:
+        """Stop listening and close every connection; a server never started is left alone."""
         if self.server is not None:
             self.server.close()
         for writer in list(self.connections):
@@ -221,6 +224,4 @@ async def start_policy_server(
     check: RecipientStatus, host: str, port: int, *, domain: str = ""
 ) -> PolicyServer:
     """Serve Postfix's policy requests on host:port (port 0: any free port, see ``.port``)."""
-    server = await PolicyServer(check, domain=domain).start(host, port)
-    log.info("Answering Postfix policy requests on %s:%d", host, server.port)
-    return server
+    return await PolicyServer(check, domain=domain).start(host, port)
