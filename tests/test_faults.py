@@ -11,7 +11,9 @@ the 250; the test then polls the rooms until every accepted mail is there (or a 
 counts copies. A copy beyond the first is a duplicate — except when the client itself sent the
 mail again because a connection died after the final "." and before the reply (the ambiguous
 case RFC 5321 §6.1 leaves to the sender: a real MTA resends too). Such resends are counted and
-printed as ``in doubt``, and allowed one copy each.
+printed as ``in doubt``, and allowed one copy each; ``in_doubt_twice`` says how many of them
+the reader did see twice. That the bridge posts such a resend again is a known gap, pinned down
+deterministically (xfail, strict) by test_a_mail_resent_after_its_250_was_lost_is_posted_once.
 """
 
 from __future__ import annotations
