@@ -204,6 +204,34 @@ async def test_policy_connection_limit():
         await server.stop()
 
 
+async def test_recipient_status_is_the_listeners_rcpt_decision():
+    from types import SimpleNamespace
+
+    from bridge.email.mailbox import LocalRecipient
+    from bridge.email.policy import MAILBOX_FULL, recipient_status
+    from bridge.email.ratelimit import SlidingWindow
+
+    known = {"alice@ours.test": "@alice:ours.test", "full@ours.test": "@full:ours.test",
+             "busy@ours.test": "@busy:ours.test"}
+
+    async def check(address: str):
+        user = known.get(address)
+        return (LocalRecipient(user, address, ""), OK) if user else (None, NO_SUCH_USER)
+
+    async def mailbox_full(user_id: str) -> bool:
+        return user_id == "@full:ours.test"
+
+    per_recipient = SlidingWindow(1, 3600)
+    per_recipient.hit("@busy:ours.test")
+    handler = SimpleNamespace(recipients=SimpleNamespace(check=check),
+                              _mailbox_full=mailbox_full, per_recipient=per_recipient)
+    status = recipient_status(handler)  # type: ignore[arg-type]
+    assert await status("alice@ours.test") == OK
+    assert await status("nobody@ours.test") == NO_SUCH_USER
+    assert await status("full@ours.test") == MAILBOX_FULL
+    assert (await status("busy@ours.test")).startswith("451 4.7.1 Too much mail for this mailbox")
+
+
 def test_action_for_keeps_answers_on_one_line():
     assert action_for(OK) == "DUNNO"
     assert action_for(RELAY_DENIED) == RELAY_DENIED
@@ -327,6 +355,11 @@ async def test_postfix_keeps_mail_while_the_bridge_is_down(running: Env, postfix
     # Accepted and queued; its transport waits for a flush (defer_transports).
     await wait_in_thread(postfix, "the mail queued", lambda: len(postfix.queue()) == 1)
     running.postfix.stop()
+    # Meanwhile nothing new is accepted unchecked: Postfix cannot ask, and says try later.
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        await deliver_through(postfix, f"pf1@{DOMAIN}")
+    ((code, text),) = refused.value.recipients.values()
+    assert (code, text[:5]) == (451, b"4.3.5"), text
     postfix.flush()
     await wait_in_thread(postfix, "a failed delivery attempt while the bridge is down",
                          lambda: any("Connection refused" in line
