@@ -25,7 +25,7 @@ done
 
 if [[ ${EUID:-$(id -u)} -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: cannot install ${missing[*]} (needs root and apt-get);" \
-        "PostgreSQL tests will be skipped unless TEST_POSTGRES_URI is set"
+        "PostgreSQL tests will be skipped unless TEST_POSTGRES_URI is set, Postfix tests skipped"
     exit 0
 fi
 
