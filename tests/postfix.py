@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 SBIN = Path("/usr/sbin")
@@ -87,6 +88,7 @@ class Postfix:
     domain: str  # the bridge's email.domain
     hostname: str = "mx.cloakroom.test"
     held: list[str] = field(default_factory=list)  # recipients routed through HELD_TRANSPORT
+    sink: Any = None  # what listens on ports.sink (tests.relay.TestRelay), for the tests
     base: Path = field(init=False)
 
     def __post_init__(self) -> None:

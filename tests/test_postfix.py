@@ -258,7 +258,7 @@ def postfix(request: pytest.FixtureRequest) -> Iterator[Postfix]:
     sink = TestRelay().start()
     ports = Ports(smtpd=free_port(), submission=free_port(), lmtp=free_port(),
                   policy=free_port(), sink=sink.port)
-    server = Postfix(ports, domain=DOMAIN, held=[HELD])
+    server = Postfix(ports, domain=DOMAIN, held=[HELD], sink=sink)
     write_values(env.postfix.config_path, {
         "email.domain": DOMAIN,
         "email.listen.port": ports.lmtp,
@@ -272,7 +272,6 @@ def postfix(request: pytest.FixtureRequest) -> Iterator[Postfix]:
         "permissions": {"localhost": "none", f"@{NOBODY}:localhost": "user",
                         **{f"@{u}:localhost": "user" for u in POSTFIX_USERS}},
     })
-    server.sink = sink  # type: ignore[attr-defined]
     try:
         server.start()
         env.postfix.start()
@@ -381,7 +380,7 @@ async def test_an_answer_from_matrix_leaves_through_postfix(running: Env, postfi
     await wait_for_event(dave, room_id, lambda e: isinstance(e, RoomMessageText))
     token = unique("answer")
     await send_text(dave, room_id, f"Yes please {token}")
-    sink: TestRelay = postfix.sink  # type: ignore[attr-defined]
+    sink: TestRelay = postfix.sink
     (mail,) = await asyncio.to_thread(sink.wait_for, lambda r: token.encode() in r.data)
     assert isinstance(mail, Received)
     assert mail.mail_from == f"pf4@{DOMAIN}" and mail.rcpt_tos == ["bob@example.org"]
