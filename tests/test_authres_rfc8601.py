@@ -56,7 +56,10 @@ APPENDIX_B = [
                     Expected("spf", "pass", properties={"smtp.mailfrom": "example.net"}),
                 ],
             ),
-            ("example.com", [Expected("iprev", "pass", properties={"policy.iprev": "192.0.2.200"})]),
+            (
+                "example.com",
+                [Expected("iprev", "pass", properties={"policy.iprev": "192.0.2.200"})],
+            ),
         ],
     ),
     (
@@ -202,7 +205,8 @@ def test_rfc8601_appendix_b(
     [
         "mx.example.com; dmarc / 1 = fail (p=reject) header.from=bank.example",
         "mx.example.com; dmarc/1=fail policy.dmarc=reject header.from=bank.example",
-        "mx.example.com (ours) ; dmarc (checked) = fail reason=\"p=reject\" header.from=bank.example",
+        'mx.example.com (ours) ; dmarc (checked) = fail reason="p=reject"'
+        " header.from=bank.example",
     ],
     ids=["versioned-spaces", "versioned-policy-property", "comments-and-reason"],
 )

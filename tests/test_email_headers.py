@@ -18,16 +18,14 @@ import pytest
 from bridge.email.auth import AuthConfig, Authenticator, AuthVerdict
 from bridge.formatter.from_email import parse_mail
 
+from . import test_email_listener as _listener
 from .dnsserver import DnsServer
-from .test_email_listener import (  # noqa: F401  (fixtures)
-    TO_ALICE,
-    Start,
-    code_and_text,
-    connect,
-    dkim_key,
-    dns_server,
-    start,
-)
+from .test_email_listener import TO_ALICE, Start, code_and_text, connect
+
+# The listener tests' fixtures: a real listener on loopback, its DKIM key and DNS server.
+start = _listener.start
+dkim_key = _listener.dkim_key
+dns_server = _listener.dns_server
 
 BREAKS = ["\r", "\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
 TRUSTED = "mx.bridge.test"

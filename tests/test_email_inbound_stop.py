@@ -3,8 +3,8 @@ from a real Config; the hub is a recorder (delivery is not what is tested here).
 
 from __future__ import annotations
 
-import socket
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
