@@ -134,11 +134,11 @@ async def test_a_late_key_holds_only_its_senders_later_messages(db: Database, wo
                                                                 ) -> None:
     inbox = make_inbox(db, world)
     await inbox.start()
+    world.crypto.keys |= {"bob", "alice-2", "x"}  # every key but the first one's
     await inbox.record(encrypted(ALICE, "late", "alice 1"))
     await inbox.record(encrypted(BOB, "bob", "bob 1"))
     await inbox.record(encrypted(ALICE, "alice-2", "alice 2"))
     await inbox.record(encrypted(ALICE, "x", "other room", room=OTHER_ROOM))
-    world.crypto.keys |= {"bob", "alice-2", "x"}
     await settle(inbox)
     # Bob and the other room go at once; Alice's second message waits for her first.
     assert sorted(world.handled) == [(ALICE, "other room"), (BOB, "bob 1")]
@@ -152,10 +152,10 @@ async def test_an_event_unreadable_past_the_bound_gets_a_notice(db: Database, wo
                                                                  ) -> None:
     inbox = make_inbox(db, world)
     await inbox.start()
+    world.crypto.keys.add("ok")
     never = encrypted(ALICE, "never", "lost")
     await inbox.record(never)
     await inbox.record(encrypted(ALICE, "ok", "after"))
-    world.crypto.keys.add("ok")
     await settle(inbox)
     assert world.handled == [] and world.told == []
     world.now += 301_000  # past bridge.undecryptable_after_seconds
