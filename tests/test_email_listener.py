@@ -886,3 +886,23 @@ async def test_stopping_waits_a_bounded_time_for_a_stalled_session(start: Start)
         assert reply in (None, (421, "4.3.2 Service shutting down"))
     assert listener.handler.sessions.open == set()
     assert await listener.count() == 0
+
+
+async def test_a_dictionary_attack_is_cut_off_after_20_refused_recipients(start: Start) -> None:
+    asked: list[str] = []
+
+    async def user_exists(user_id: str) -> bool | None:
+        asked.append(user_id)
+        return user_id == ALICE
+
+    listener = await start(user_exists=user_exists)
+    async with connect(listener.port) as client:
+        await client("mail", SENDER)
+        replies = [code_and_text(await client("rcpt", f"guess{n}@{DOMAIN}")) for n in range(19)]
+        assert {code for code, _ in replies} == {550}
+        assert code_and_text(await client("rcpt", f"guess19@{DOMAIN}")) == (
+            421, "4.7.0 Too many refused recipients; closing the connection"
+        )
+        with pytest.raises((smtplib.SMTPServerDisconnected, OSError)):
+            await client("rcpt", f"guess20@{DOMAIN}")
+    assert len(asked) == 20  # the homeserver was asked no more than that

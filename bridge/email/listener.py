@@ -37,7 +37,12 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections; try again later"
 CONNECTING_TOO_OFTEN = "421 4.7.0 Too many connections from your address; try again later"
 LOOP = "554 5.4.6 Routing loop detected: this message was sent by this server"
 MAILBOX_FULL = "452 4.2.2 Mailbox full; try again later"
+TOO_MANY_ERRORS = "421 4.7.0 Too many refused recipients; closing the connection"
 DRAIN_SECONDS = 10.0
+# Refused RCPTs one session may collect before it is closed (Postfix: smtpd_hard_error_limit).
+# Every RCPT may ask the homeserver whether a user exists: a dictionary attack on one connection
+# is bounded by this, and across connections by the per-IP connection rate.
+HARD_ERROR_LIMIT = 20
 
 log = logging.getLogger("bridge.email.in")
 # aiosmtpd logs every command at INFO and every DATA line at DEBUG under "mail.log": mail content
@@ -151,6 +156,10 @@ class _SessionMixin:
             # The command in progress when the drain began is finished and answered; now 421.
             if self.sessions.draining:
                 self.goodbye()
+            elif getattr(self.session, "cloakroom_close", False):  # type: ignore[attr-defined]
+                transport = getattr(self, "transport", None)
+                if transport is not None:
+                    transport.close()  # after the 421 that said why
 
         for attribute in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
             if hasattr(method, attribute):  # HELP reads them
@@ -282,7 +291,7 @@ class InboundHandler:
             return "451 4.3.0 Temporary failure; try again later"
         if recipient is None:
             self.log.info("Refused RCPT %s from %s: %s", address, envelope.mail_from, status)
-            return status
+            return self._refused(session, status)
         if not self.per_recipient.allowed(recipient.user_id):
             wait = self.per_recipient.retry_after(recipient.user_id)
             return f"451 4.7.1 Too much mail for this mailbox; try again in {wait} seconds"
@@ -290,6 +299,16 @@ class InboundHandler:
         envelope.rcpt_options.extend(options)
         envelope.cloakroom_rcpts.append(recipient)  # type: ignore[attr-defined]
         return status
+
+    def _refused(self, session: Session, status: str) -> str:
+        errors = getattr(session, "cloakroom_errors", 0) + 1
+        session.cloakroom_errors = errors  # type: ignore[attr-defined]
+        if errors < HARD_ERROR_LIMIT:
+            return status
+        self.log.info("Closing a session from %s: %d refused recipients", _peer_ip(session),
+                      errors)
+        session.cloakroom_close = True  # type: ignore[attr-defined]
+        return TOO_MANY_ERRORS
 
     async def _mailbox_full(self, user_id: str) -> bool:
         """Whether the mail waiting for this user (held until their first device) is at quota."""
