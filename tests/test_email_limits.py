@@ -121,3 +121,19 @@ async def test_the_recipient_cache_is_bounded_and_expires(
         assert len(check._cache) <= 5
     finally:
         await db.stop()
+
+
+@pytest.mark.parametrize(
+    ("ip", "exempt"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),  # an IPv4 peer as a dual-stack listener sees it
+        ("192.0.2.7", False),
+        ("not an address", False),
+    ],
+)
+def test_exempt_networks(ip: str, exempt: bool) -> None:
+    from bridge.email.listener import Sessions
+
+    assert Sessions(exempt=["127.0.0.0/8", "::1/128"]).is_exempt(ip) is exempt

@@ -93,6 +93,8 @@ class Sessions:
             address = ipaddress.ip_address(ip)
         except ValueError:
             return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 peer
         return any(address in network for network in self.exempt)
 
     def admit(self, protocol: _SessionMixin, ip: str) -> str | None:
