@@ -91,6 +91,8 @@ class Cloakroom:
         self._start_onboarding(state_store)
         self._start_retention()
         # From here on, transactions that waited for start-up are processed.
+        # Events recorded before an earlier run could handle them are picked up first.
+        await self.handler.start()
         self.az.started.set()
         self.az.ready = True
         self.log.info("Cloakroom is running as %s", self.az.bot_mxid)
@@ -211,6 +213,8 @@ class Cloakroom:
         self.handler = MatrixHandler(
             bot, self.sender, self.hub, self.outgoing, cfg["bridge.username_template"],
             cfg["homeserver.domain"],
+            db=self.db,
+            undecryptable_after_seconds=cfg["bridge.undecryptable_after_seconds"],
         )
         # The encryption guard (None when off); its notice is the one thing the bot may say in
         # the clear: the room is unencrypted until right after it.
@@ -360,6 +364,7 @@ class Cloakroom:
                 await asyncio.wait_for(self.handler.queues.drain(), DRAIN_SECONDS)
             except TimeoutError:
                 self.log.warning("Gave up waiting for room work after %d s", DRAIN_SECONDS)
+            await self.handler.stop()
         if self.az:
             await self.az.stop()
         if getattr(self, "identities", None):

@@ -16,7 +16,6 @@ import time
 import urllib.request
 from typing import Any
 
-import pytest
 from nio import AsyncClient
 from nio.crypto.sessions import OutboundGroupSession
 from ruamel.yaml import YAML
@@ -143,9 +142,6 @@ async def test_a_reply_survives_sigkill_after_the_200_and_is_mailed_once(running
     assert len(running.relay.find(_containing(after))) == 1
 
 
-# app.py does not yet hand bridge.undecryptable_after_seconds to MatrixHandler (the lead wires
-# it): until then the bridge keeps the 300 s default and this test cannot see its notice.
-@pytest.mark.xfail(strict=True, reason="app.py must pass bridge.undecryptable_after_seconds")
 async def test_a_reply_never_readable_gets_a_notice_not_silence(running: Env) -> None:
     """With a short bound (set for this test only), a key that never comes ends in a notice
     replying to the message, and nothing is mailed."""
