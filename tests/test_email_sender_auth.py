@@ -75,3 +75,33 @@ async def test_failure_under_p_none_arrives_with_a_visible_marker(running: Env) 
     text = await _only_text(alice, room_id)
     assert f"⚠ could not verify that this came from {sender} (DMARC: fail)" in text.body
     assert "could not verify" in (text.formatted_body or "")
+
+
+async def test_a_delta_chat_message_id_under_our_domain_is_delivered(running: Env) -> None:
+    # Delta Chat writes every Message-ID as <uuid@localhost>, and the quickstart's (and this
+    # stack's) email domain is localhost: such mail was answered 250 and silently dropped.
+    alice = await running.new_user()
+    to = f"{_local(alice)}@localhost"
+    msg = make_mail(to=to, sender="Dee <dee@delta.test>", text="sent from Delta Chat",
+                    message_id="<3f0c5a0e-1b7e-4c55-9d8e-2f1d3c4b5a69@localhost>")
+    assert await send(running.smtp_port, msg, [to], mail_from="dee@delta.test") == {}
+    room_id = await accept_invite(alice)
+    assert "sent from Delta Chat" in (await _only_text(alice, room_id)).body
+
+
+async def test_a_header_hidden_behind_a_bare_cr_is_refused(running: Env, key: Key) -> None:
+    # Eve signs with her own valid key; the reader's parser would have shown Bob's From.
+    domain = f"{unique('eve')}.test"
+    running.dns.txt(f"sel._domainkey.{domain}", key.record)
+    alice = await running.new_user()
+    to = f"{_local(alice)}@localhost"
+    raw = (
+        f"X-Foo: bar\rFrom: Bob <bob@victim.test>\r\nFrom: Eve <eve@{domain}>\r\nTo: {to}\r\n"
+        "Subject: Invoice\r\n\r\nPlease pay.\r\n"
+    ).encode()
+    signed = dkim.sign(raw, b"sel", domain.encode(), key.private_pem,
+                       include_headers=[b"from", b"to", b"subject"]) + raw
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        await send(running.smtp_port, signed, [to], mail_from=f"eve@{domain}")
+    assert refused.value.smtp_code == 550
+    assert refused.value.smtp_error.startswith(b"5.6.0 Malformed header section")
