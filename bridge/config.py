@@ -407,6 +407,9 @@ class Config:
                 raise ConfigError(
                     "email.rate_limit.exempt_networks", f"{network!r} is not an IP network"
                 ) from None
+        if not 0 <= self["email.policy.listen.port"] < 65536:
+            port = self["email.policy.listen.port"]
+            raise ConfigError("email.policy.listen.port", f"must be a TCP port or 0, got {port}")
         for key in ("email.listen.port", "email.auth.dns_port", "email.relay.port"):
             if not 0 < self[key] < 65536:
                 raise ConfigError(key, f"must be a TCP/UDP port, got {self[key]}")

@@ -84,5 +84,8 @@ class DueWorker:
         return timeout
 
     async def _sleep(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel() that lands
+        # together with a wake-up, and stop() would then wait out the whole idle poll.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()

@@ -8,8 +8,6 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from bridge.config import Config
 from bridge.db import open_database
 from bridge.email.inbound import InboundMail
@@ -113,15 +111,6 @@ async def test_drain_says_421_to_sessions_and_finishes_the_data_in_progress(
         await db.stop()
 
 
-@pytest.mark.xfail(
-    reason="bridge/worker.py DueWorker._sleep (and holds.py): on Python 3.11, asyncio.wait_for "
-    "returns the inner result and swallows a cancel() that coincides with wake(), so "
-    "worker.stop() waits out the next idle poll (30 s) or longer when the last DATA's commit "
-    "woke it as stop began. Fix: "
-    "`async with asyncio.timeout(t): await self._wake.wait()`.",
-    raises=TimeoutError,
-    strict=False,
-)
 async def test_stop_returns_after_the_last_commit_woke_the_worker(tmp_path: Path) -> None:
     inbound, port, _ = await _inbound(tmp_path)
     try:

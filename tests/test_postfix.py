@@ -224,7 +224,7 @@ async def test_recipient_status_is_the_listeners_rcpt_decision():
     per_recipient = SlidingWindow(1, 3600)
     per_recipient.hit("@busy:ours.test")
     handler = SimpleNamespace(recipients=SimpleNamespace(check=check),
-                              _mailbox_full=mailbox_full, per_recipient=per_recipient)
+                              mailbox_full=mailbox_full, per_recipient=per_recipient)
     status = recipient_status(handler)  # type: ignore[arg-type]
     assert await status("alice@ours.test") == OK
     assert await status("nobody@ours.test") == NO_SUCH_USER

@@ -111,8 +111,10 @@ class HeldReaders:
         now = now_ms()
         due = min((c.due_ms for c in self._checks.values()), default=now + MAX_CHECK_MS)
         self._wake.clear()
+        # asyncio.timeout rather than wait_for, which can swallow a cancel() (see worker.py).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(0.0, (due - now) / 1000))
+            async with asyncio.timeout(max(0.0, (due - now) / 1000)):
+                await self._wake.wait()
 
     async def _round(self) -> None:
         now = now_ms()

@@ -16,6 +16,7 @@ from .auth import AuthConfig, Authenticator
 from .delivery import DeliveryWorker
 from .listener import DRAIN_SECONDS, InboundHandler, IsOwnMessageId, Sessions, start_listener
 from .mailbox import KnownMailboxes, RecipientCheck, UserExists
+from .policy import PolicyServer, recipient_status
 from .queue import InboundQueue
 from .ratelimit import SlidingWindow
 
@@ -74,6 +75,8 @@ class InboundMail:
             on_queued=self.worker.wake,
         )
         self.server: asyncio.AbstractServer | None = None
+        # Postfix in front asks this at RCPT: the listener's own answer, before it queues.
+        self.policy = PolicyServer(recipient_status(self.handler), domain=config.email_domain)
         self.log = logging.getLogger("bridge.email.in")
 
     async def start(self) -> None:
@@ -96,6 +99,8 @@ class InboundMail:
             cfg["email.listen.host"],
             cfg["email.listen.port"],
         )
+        if policy_port := cfg["email.policy.listen.port"]:
+            await self.policy.start(cfg["email.policy.listen.host"], policy_port)
 
     async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
         """Stop taking mail without losing any: new connections and idle sessions get
@@ -114,4 +119,6 @@ class InboundMail:
 
     async def stop(self) -> None:
         await self.drain()
+        # After the drain: Postfix keeps queueing (its policy answers go on) until then.
+        await self.policy.stop()
         await self.worker.stop()

@@ -286,7 +286,7 @@ class InboundHandler:
             return "452 4.5.3 Too many recipients"
         try:
             recipient, status = await self.recipients.check(address)
-            if recipient is not None and await self._mailbox_full(recipient.user_id):
+            if recipient is not None and await self.mailbox_full(recipient.user_id):
                 recipient, status = None, MAILBOX_FULL
         except Exception:
             self.log.exception("Recipient check failed for %s", address)
@@ -312,7 +312,7 @@ class InboundHandler:
         session.cloakroom_close = True  # type: ignore[attr-defined]
         return TOO_MANY_ERRORS
 
-    async def _mailbox_full(self, user_id: str) -> bool:
+    async def mailbox_full(self, user_id: str) -> bool:
         """Whether the mail waiting for this user (held until their first device) is at quota."""
         held_usage = getattr(self.queue, "held_usage", None)
         if held_usage is None:  # an InboundQueue from before holding existed

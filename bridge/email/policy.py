@@ -21,13 +21,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from .listener import MAILBOX_FULL
+
 if TYPE_CHECKING:
     from .listener import InboundHandler
 
 # The listener's status when a check itself goes wrong: the sender retries, nothing is lost.
 CHECK_FAILED = "451 4.3.0 Temporary failure; try again later"
 CHECK_TOO_SLOW = "451 4.4.3 Cannot check this mailbox right now; try again later"
-MAILBOX_FULL = "452 4.2.2 Mailbox full; try again later"
 
 # Postfix sends about 30 short attributes; helo_name and the addresses are bounded by SMTP's own
 # line limits. Both bounds are generous, and keep a misbehaving client to a few hundred KiB.
@@ -63,7 +64,7 @@ def recipient_status(handler: InboundHandler) -> RecipientStatus:
         recipient, answer = await handler.recipients.check(address)
         if recipient is None:
             return answer
-        if await handler._mailbox_full(recipient.user_id):
+        if await handler.mailbox_full(recipient.user_id):
             return MAILBOX_FULL
         if not handler.per_recipient.allowed(recipient.user_id):
             wait = handler.per_recipient.retry_after(recipient.user_id)
