@@ -95,7 +95,17 @@ class Cloakroom:
         await self.handler.start()
         self.az.started.set()
         self.az.ready = True
+        await self._ping_homeserver()
         self.log.info("Cloakroom is running as %s", self.az.bot_mxid)
+
+    async def _ping_homeserver(self) -> None:
+        """Tell the homeserver we are back, so it sends what it queued now, rather than after
+        its retry back-off (minutes, after an outage). Its ping also checks hs_token both ways."""
+        try:
+            took = await self.az.ping_self()
+            self.log.info("The homeserver reached us in %d ms", took)
+        except Exception as e:
+            self.log.warning("Appservice ping failed (%s); the homeserver will retry on its own", e)
 
     async def _open_database(self) -> None:
         url = self.config["database"]
@@ -328,6 +338,8 @@ class Cloakroom:
             Prune("failed inbound mail", self.inbound.queue.prune_failed, keep_ms,
                   ("inbound_message", "inbound_delivery", "delivered_part")),
             Prune("outbox", self.outbox.prune, keep_ms, ("outbox",)),
+            Prune("digests of mail taken", self.inbound.queue.prune_seen, keep_ms,
+                  ("inbound_seen",)),
         ])
         self.retention.start()
 

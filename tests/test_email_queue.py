@@ -351,3 +351,22 @@ async def test_prune_failed_forgets_old_failures_only(db: Database, queue: Inbou
     assert await count(db, "inbound_message", old) == 1
     assert await queue.prune_failed(now_ms() + 1) == 1
     assert await count(db, "inbound_message", old) == 0
+
+
+async def test_a_resend_of_mail_already_taken_is_not_queued_again(
+    db: Database, queue: InboundQueue
+) -> None:
+    raw = b"Subject: once\r\nMessage-ID: <x@y>\r\n\r\nthe same bytes\r\n"
+    first = await put(queue, ALICE, raw=raw)
+    # The sender never saw our 250 and sends the very same mail again: same answer, no copy.
+    assert await put(queue, ALICE, raw=raw) == first
+    assert await count(db, "inbound_message", first) == 1
+    assert await db.fetchval("SELECT COUNT(*) FROM inbound_message") == 1
+    # Bob was not on the first copy: for him it is new.
+    other = await put(queue, ALICE, BOB, raw=raw)
+    assert other != first
+    assert await due_pairs(queue) == [(first, ALICE), (other, BOB)]
+    # A different mail is never taken for a resend, and after the window it is new again.
+    assert await put(queue, ALICE, raw=raw + b"!") != first
+    assert await queue.prune_seen(now_ms() + 1) == 3
+    assert await put(queue, ALICE, raw=raw) not in (first, other)

@@ -11,9 +11,10 @@ the 250; the test then polls the rooms until every accepted mail is there (or a 
 counts copies. A copy beyond the first is a duplicate — except when the client itself sent the
 mail again because a connection died after the final "." and before the reply (the ambiguous
 case RFC 5321 §6.1 leaves to the sender: a real MTA resends too). Such resends are counted and
-printed as ``in doubt``, and allowed one copy each; ``in_doubt_twice`` says how many of them
-the reader did see twice. That the bridge posts such a resend again is a known gap, pinned down
-deterministically (xfail, strict) by test_a_mail_resent_after_its_250_was_lost_is_posted_once.
+printed as ``in doubt``; ``in_doubt_twice`` says how many of them the reader saw twice, which
+must be none: the queue recognises a resend of a mail it already took (a keyed digest per
+recipient) and answers 250 again without posting it. The deterministic form of that case is
+test_a_mail_resent_after_its_250_was_lost_is_posted_once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import pytest
 from nio import AsyncClient, InviteMemberEvent, MegolmEvent, RoomMessageText
 
 from .harness import Env, room_history, sync_until
@@ -282,6 +282,7 @@ def assert_exactly_once(t: Tally, load: MailLoad) -> None:
     assert t.accepted == len(load.all), f"only {t.accepted} of {len(load.all)} accepted in time"
     assert t.lost == 0, f"{t.lost} accepted mail(s) never arrived"
     assert t.duplicates == 0, f"{t.duplicates} duplicate(s)"
+    assert t.in_doubt_twice == 0, f"{t.in_doubt_twice} resend(s) after a lost 250 posted twice"
     assert t.undecryptable == 0, f"{t.undecryptable} message(s) the reader cannot decrypt"
     assert t.unexpected == 0, f"{t.unexpected} mail(s) arrived that were never answered 250"
     assert t.delivered == t.accepted
@@ -447,12 +448,6 @@ async def test_homeserver_crashed_during_mail_loses_and_doubles_nothing(running:
     assert_exactly_once(t, load)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "no duplicate suppression: a mail whose 250 was lost after the commit (bridge killed, or "
-    "the connection cut, between InboundQueue.enqueue's commit and the 250 reaching the client) "
-    "and that the sending MTA resends, byte for byte, is queued and posted a second time "
-    "(bridge/email/listener.py _handle_DATA → _enqueue; nothing compares it with mail already "
-    "queued or delivered for that user)"))
 async def test_a_mail_resent_after_its_250_was_lost_is_posted_once(running: Env) -> None:
     """The deterministic form of the kill test's `in doubt` case: the 250 is written, the client
     never reads it (a cut on the way back), and the MTA sends the same message again."""

@@ -12,12 +12,14 @@ name ``message_id``, which elsewhere in the bridge means the RFC 5322 Message-ID
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 import time
 from dataclasses import dataclass
 
-from mautrix.util.async_db import Database
+from mautrix.util.async_db import Connection, Database
 
 from ..crypto.sealed import seal_bytes, unseal_bytes
 from ..worker import now_ms
@@ -89,7 +91,18 @@ class InboundQueue:
         """
         queue_id = secrets.token_hex(12)
         received = now_ms()
+        digest = self._digest(raw)
         async with self.db.acquire() as conn, conn.transaction():
+            fresh = await self._first_time(conn, digest, recipients, queue_id, received)
+            if recipients and not fresh:
+                # A resend of mail we already took (the sender never saw our 250): answer as
+                # before, with the queue id it got then, and post nothing twice.
+                return await conn.fetchval(
+                    "SELECT queue_id FROM inbound_seen WHERE user_id=$1 AND digest=$2",
+                    recipients[0].user_id,
+                    digest,
+                )
+            recipients = fresh
             await conn.execute(
                 "INSERT INTO inbound_message "
                 "(id, seq, order_key, received_at, mail_from, peer, helo, auth, raw, size) "
@@ -117,6 +130,40 @@ class InboundQueue:
                     received,
                 )
         return queue_id
+
+    def _digest(self, raw: bytes) -> str:
+        """A keyed digest of the raw mail: recognises a resend without storing anything that
+        would let someone guess a short mail's text offline."""
+        key = hashlib.sha256(f"cloakroom-dedup:{self._pickle_key or ''}".encode()).digest()
+        return hmac.new(key, raw, hashlib.sha256).hexdigest()
+
+    @staticmethod
+    async def _first_time(
+        conn: Connection, digest: str, recipients: list[QueuedRecipient], queue_id: str,
+        received: int,
+    ) -> list[QueuedRecipient]:
+        """The recipients who have not had this exact mail yet (within the retention time)."""
+        fresh = []
+        for rcpt in recipients:
+            taken = await conn.fetchval(
+                "INSERT INTO inbound_seen (user_id, digest, queue_id, received_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, digest) DO NOTHING "
+                "RETURNING queue_id",
+                rcpt.user_id,
+                digest,
+                queue_id,
+                received,
+            )
+            if taken is not None:
+                fresh.append(rcpt)
+        return fresh
+
+    async def prune_seen(self, older_than_ms: int) -> int:
+        """Forget which mail was taken once the window for a sender's resend is over."""
+        rows = await self.db.fetch(
+            "DELETE FROM inbound_seen WHERE received_at < $1 RETURNING digest", older_than_ms
+        )
+        return len(rows)
 
     async def due(self, limit: int = 20) -> list[DueDelivery]:
         rows = await self.db.fetch(

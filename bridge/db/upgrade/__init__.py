@@ -21,4 +21,5 @@ from . import (  # noqa: E402,F401,I001
     v06_matrix_inbox,
     v07_outbox,
     v08_at_rest,
+    v09_inbound_seen,
 )
