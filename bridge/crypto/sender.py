@@ -199,6 +199,29 @@ class EncryptedSender:
                 raise
             return await self.machine.decrypt_megolm_event(evt)
 
+    async def request_key(self, evt: EncryptedEvent) -> None:
+        """Ask the sender's devices to forward the Megolm key of an event we cannot decrypt.
+
+        The bot's device was in the room when they wrote, so their client shared the session
+        with it and re-shares it on request (Element does, for devices it shared with).
+        """
+        sender = UserID(evt.sender)
+        devices = await self.machine.crypto_store.get_devices(sender)
+        if not devices:
+            await self.refresh_devices([sender])
+            devices = await self.machine.crypto_store.get_devices(sender)
+        if not devices:
+            return
+        content = evt.content
+        self.log.info("Asking %s's devices for the key of %s", sender, evt.event_id)
+        await self.machine.request_room_key(
+            evt.room_id,
+            content.sender_key or "",
+            content.session_id,
+            {sender: list(devices)},
+            timeout=0,  # the answer arrives as a to-device message; the inbox waits for it
+        )
+
     async def handle_member_event(self, evt: StateEvent) -> None:
         """Rotate every sender's outbound session when membership changes (a leaver loses
         access to what comes next; a newcomer gets the new session)."""

@@ -76,6 +76,7 @@ class MatrixHandler:
                 room, session, timeout=timeout
             ),
             undecryptable_after_seconds=undecryptable_after_seconds,
+            request_key=sender.request_key,
         )
 
     async def start(self) -> None:

@@ -57,6 +57,11 @@ Decrypt = Callable[[EncryptedEvent], Awaitable[Event]]
 Handle = Callable[[Event], Awaitable[None]]
 TellUndecryptable = Callable[[RoomID, UserID, EventID], Awaitable[None]]
 WaitForSession = Callable[[RoomID, str, float], Awaitable[bool]]
+RequestKey = Callable[[EncryptedEvent], Awaitable[None]]
+# A room key normally follows its event within a second. One still missing after this long was
+# probably lost (Synapse drops the to-device messages of transactions it could not deliver while
+# the bridge was down): ask the sender's devices for it.
+KEY_REQUEST_AFTER_SECONDS = 10.0
 
 
 @dataclass
@@ -178,8 +183,10 @@ class Inbox:
         tell_undecryptable: TellUndecryptable,
         wait_for_session: WaitForSession,
         undecryptable_after_seconds: float = DEFAULT_UNDECRYPTABLE_AFTER_SECONDS,
+        request_key: RequestKey | None = None,
     ) -> None:
         self.store = store
+        self._request_key = request_key
         self.queues = queues
         self._decrypt = decrypt
         self._handle = handle
@@ -302,7 +309,7 @@ class Inbox:
             except SessionNotFound as e:
                 give_up_at = max(row.received_at, self._resumed_at) + self.undecryptable_after_ms
                 if now < give_up_at:
-                    self._watch(row.room_id, str(e.session_id), give_up_at)
+                    self._watch(row.room_id, str(e.session_id), give_up_at, evt)
                     return give_up_at
                 log.warning("No key for %s from %s after %d s", row.event_id, row.sender,
                             self.undecryptable_after_ms // 1000)
@@ -356,16 +363,31 @@ class Inbox:
 
         self._timers[room_id] = (at, asyncio.get_running_loop().call_later(delay, fire))
 
-    def _watch(self, room_id: RoomID, session_id: str, until: int) -> None:
-        """Look at the room again as soon as the bot's machine receives this session."""
+    def _watch(
+        self, room_id: RoomID, session_id: str, until: int, evt: EncryptedEvent | None = None
+    ) -> None:
+        """Look at the room again as soon as the bot's machine receives this session; ask the
+        sender's devices for it when it does not come by itself."""
         key = (room_id, session_id)
         if key in self._watching:
             return
 
         async def watch() -> None:
             try:
-                timeout = max(0.0, (until - now_ms()) / 1000)
-                if await self._wait_for_session(room_id, session_id, timeout):
+                first = min(KEY_REQUEST_AFTER_SECONDS, max(0.0, (until - now_ms()) / 1000))
+                if await self._wait_for_session(room_id, session_id, first):
+                    self.schedule(room_id)
+                    return
+                if evt is not None and self._request_key is not None:
+                    try:
+                        await self._request_key(evt)
+                    except Exception:
+                        self.log.getChild(room_id).exception(
+                            "Could not ask %s for the key of %s", evt.sender, evt.event_id
+                        )
+                if await self._wait_for_session(
+                    room_id, session_id, max(0.0, (until - now_ms()) / 1000)
+                ):
                     self.schedule(room_id)
             finally:
                 self._watching.pop(key, None)
