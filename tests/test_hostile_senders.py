@@ -81,3 +81,18 @@ async def test_a_mail_to_many_seats_a_few_and_names_the_rest(running: Env) -> No
     members = await alice.joined_members(room_id)
     ghosts = [m for m in members.members if m.user_id.startswith("@_email_")]
     assert len(ghosts) <= MAX_SEATED + 1  # the author and at most MAX_SEATED others
+
+
+async def test_bot_commands_are_bounded(running: Env) -> None:
+    from .harness import open_dm_with_bot, send_text, sync_until
+
+    alice = await running.new_user()
+    room_id = await open_dm_with_bot(alice, running.bot_mxid)
+    crowd = ", ".join(f"p{i}@crowd.example" for i in range(21))
+    await send_text(alice, room_id, f"new {crowd} Too many")
+    await sync_until(alice, lambda rid, e: rid == room_id and e.sender == running.bot_mxid
+                     and "At most 20 addresses" in getattr(e, "body", ""))
+    await send_text(alice, room_id, "status " + "x" * 5000)
+    await sync_until(alice, lambda rid, e: rid == room_id and e.sender == running.bot_mxid
+                     and "too long for a command" in getattr(e, "body", ""))
+    assert not [r for r in alice.rooms if r != room_id and "crowd" in str(alice.rooms[r].name)]

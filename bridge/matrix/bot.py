@@ -44,6 +44,8 @@ UNDECRYPTABLE = (
     "⚠ I could not read your message{what}: your client did not send me its keys in time. "
     "Check that your session is verified, then send it again."
 )
+# The longest command text the bot reads (a `new` with a few dozen addresses fits easily).
+MAX_COMMAND_CHARS = 4000
 REFUSAL = (
     "Sorry, you are not allowed to use Cloakroom on this homeserver. "
     "If you think you should be, ask your homeserver admin."
@@ -179,6 +181,11 @@ class Bot:
         level = self.permissions.level(evt.sender)
         if level < Level.USER:
             await self.notice(evt.room_id, REFUSAL)
+            return
+        if len(text) > MAX_COMMAND_CHARS:
+            # No command needs more; don't tokenise a novel.
+            await self.notice(evt.room_id, f"That is too long for a command (at most "
+                                           f"{MAX_COMMAND_CHARS} characters). Send `help`.")
             return
         try:
             name, *args = shlex.split(text)

@@ -17,6 +17,7 @@ from mautrix.types import RoomID, UserID
 
 from .. import __version__
 from ..permissions import Level
+from ..portal.portal import MAX_SEATED
 from ..portal.start import start_conversation
 
 if TYPE_CHECKING:
@@ -128,6 +129,11 @@ async def new_command(evt: CommandEvent) -> None:
     addresses, subject = parse_new(evt.args)
     if not addresses:
         await evt.reply("Usage: new <address>[, <address>…] <subject>")
+        return
+    if len(addresses) > MAX_SEATED:
+        # Each address becomes a Matrix user with its own device in the room.
+        await evt.reply(f"At most {MAX_SEATED} addresses in one conversation; you gave "
+                        f"{len(addresses)}.")
         return
     valid = []
     for address in addresses:
