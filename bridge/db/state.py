@@ -34,17 +34,24 @@ class TxnLog:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def seen(self, txn_id: str) -> bool:
-        row = await self.db.fetchval("SELECT 1 FROM appservice_txn WHERE txn_id=$1", txn_id)
-        return row is not None
+    async def seen(self, txn_id: str, digest: str | None = None) -> bool:
+        """Whether this transaction — this id with this content (None: any) — was handled.
+        Rows from before digests were kept match any content."""
+        row = await self.db.fetchval(
+            "SELECT digest FROM appservice_txn WHERE txn_id=$1", txn_id
+        )
+        return row is not None and (digest is None or row in ("", digest))
 
-    async def mark(self, txn_id: str) -> None:
+    async def mark(self, txn_id: str, digest: str = "") -> None:
         now = int(time.time() * 1000)
+        # A reused id (new content) replaces the old record: that is what its next replay is.
         await self.db.execute(
-            "INSERT INTO appservice_txn (txn_id, processed_at) VALUES ($1, $2) "
-            "ON CONFLICT (txn_id) DO NOTHING",
+            "INSERT INTO appservice_txn (txn_id, processed_at, digest) VALUES ($1, $2, $3) "
+            "ON CONFLICT (txn_id) DO UPDATE SET processed_at=excluded.processed_at, "
+            "digest=excluded.digest",
             txn_id,
             now,
+            digest,
         )
 
     async def prune(self, older_than_ms: int | None = None) -> int:

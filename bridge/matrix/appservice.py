@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import hmac
 import json
 import logging
@@ -81,6 +82,8 @@ class BridgeAppService(AppService):
         # dispatcher hands slow work to per-room queues itself (see matrix.handler).
         self.synchronous_handlers = True
         self._txn_lock = asyncio.Lock()
+        # (id, body digest) of transactions handled by this process (the log has them all).
+        self._handled: set[tuple[str, str]] = set()
         self.runner: web.AppRunner | None = None
 
     async def stop_server(self) -> None:
@@ -111,14 +114,23 @@ class BridgeAppService(AppService):
     async def _read_transaction_header(self, request: web.Request) -> tuple[str, dict[str, Any]]:
         self._authenticate(request)
         transaction_id = request.match_info["transaction_id"]
+        raw = await request.read()
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise _error(web.HTTPBadRequest, "M_NOT_JSON", "Body is not JSON") from None
         if not isinstance(body, dict):
             raise _error(web.HTTPBadRequest, "M_BAD_JSON", "Body is not a JSON object")
+        # A transaction is its id *and* its content: Synapse reuses ids after it crashed before
+        # saving its counter, and such a "replay" carries new events that must not be dropped.
+        # (Its own retries resend the same content; events seen twice anyway are handled once,
+        # see matrix/inbox.py.)
+        digest = hashlib.sha256(raw).hexdigest()
+        request["cloakroom_digest"] = digest
         await self.started.wait()
-        if transaction_id in self.transactions or await self.txn_log.seen(transaction_id):
+        if (transaction_id, digest) in self._handled or await self.txn_log.seen(
+            transaction_id, digest
+        ):
             raise web.HTTPOk(content_type="application/json", text="{}")
         return transaction_id, body
 
@@ -136,7 +148,9 @@ class BridgeAppService(AppService):
                     raise _error(
                         web.HTTPInternalServerError, "M_UNKNOWN", "Could not record every event"
                     )
-                await self.txn_log.mark(txn.txn_id)
+                digest = request.get("cloakroom_digest", "")
+                await self.txn_log.mark(txn.txn_id, digest)
+                self._handled.add((txn.txn_id, digest))
                 return response
             finally:
                 _current.reset(token)

@@ -22,4 +22,5 @@ from . import (  # noqa: E402,F401,I001
     v07_outbox,
     v08_at_rest,
     v09_inbound_seen,
+    v10_txn_digest,
 )
