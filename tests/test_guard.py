@@ -1,5 +1,5 @@
 """The encryption guard against a real Synapse: the onboarding bridge (guard: private), which
-serves only the users onb1…onb20 (this file uses onb1…onb8), checked with matrix-nio."""
+serves only the users onb1…onb20 (this file uses onb1…onb5, onb15 and onb16), checked with matrix-nio."""
 
 from __future__ import annotations
 
@@ -154,14 +154,14 @@ async def test_rooms_of_users_the_guard_does_not_serve_are_untouched(onboarding:
 
 
 async def test_rooms_of_accounts_nobody_logged_into_are_left_alone(onboarding: Env) -> None:
-    """onb9 exists, but no device of theirs was ever used: like another appservice's puppet.
+    """onb15 exists, but no device of theirs was ever used: like another appservice's puppet.
     A room made in their name (here through the onboarding bridge's own namespace, as another
     bridge would make it) is never touched by the guard, whoever joins it."""
     synapse = onboarding.synapse
-    await asyncio.to_thread(synapse.register_user, "onb9", secrets.token_urlsafe(12))
+    await asyncio.to_thread(synapse.register_user, "onb15", secrets.token_urlsafe(12))
     config = YAML(typ="safe").load(onboarding.onboarding.config_path.read_text())
-    puppet = urllib.parse.quote("@onb9:localhost")
-    user = await onboarding.new_user("onb10")
+    puppet = urllib.parse.quote("@onb15:localhost")
+    user = await onboarding.new_user("onb16")
     created = await asyncio.to_thread(
         synapse.request, "POST", f"/_matrix/client/v3/createRoom?user_id={puppet}",
         {"preset": "private_chat", "invite": [user.user_id]}, config["appservice"]["as_token"],
