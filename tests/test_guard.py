@@ -1,5 +1,6 @@
 """The encryption guard against a real Synapse: the onboarding bridge (guard: private), which
-serves only the users onb1…onb20 (this file uses onb1…onb5, onb15 and onb16), checked with matrix-nio."""
+serves only the users onb1…onb20 (this file uses onb1…onb5, onb15 and onb16), checked with
+matrix-nio."""
 
 from __future__ import annotations
 
