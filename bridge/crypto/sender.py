@@ -36,6 +36,9 @@ from .identities import Identities
 SESSION_WAIT_SECONDS = 10
 # /keys/query asks about this many users at once at most.
 KEYS_QUERY_BATCH = 100
+# A device without one-time keys yet is asked for them this many times, this far apart.
+OTK_ATTEMPTS = 4
+OTK_RETRY_SECONDS = 1.0
 
 
 class EncryptedSender:
@@ -133,7 +136,36 @@ class EncryptedSender:
         await self.refresh_devices(readers)
         if not await self.readable(readers, refresh=False):
             raise NoReadableDevice(room_id, readers)
+        await self._olm_sessions_ready(machine, readers)
         await machine.share_group_session(room_id, readers)
+
+    async def _olm_sessions_ready(self, machine: OlmMachine, readers: list[UserID]) -> None:
+        """Make sure each reader device can receive the room key, before it is shared.
+
+        A device that signed in a moment ago may have published its device keys but not yet
+        its one-time keys (Element uploads them in the background): mautrix then skips that
+        device, and the message — say, the held mail released by that very login — stays
+        unreadable on it for good. So claim them first, and try again briefly when a device
+        has none yet.
+        """
+        for attempt in range(OTK_ATTEMPTS):
+            missing: dict[UserID, dict] = {}
+            for user_id in readers:
+                devices = (await machine.crypto_store.get_devices(user_id)) or {}
+                for device_id, device in devices.items():
+                    if device.trust == TrustState.BLACKLISTED:
+                        continue
+                    if not await machine.crypto_store.has_session(device.identity_key):
+                        missing.setdefault(user_id, {})[device_id] = device
+            if not missing:
+                return
+            if attempt:
+                await asyncio.sleep(OTK_RETRY_SECONDS)
+            try:
+                await machine._create_outbound_sessions(missing)
+            except Exception:
+                self.log.warning("Claiming one-time keys failed", exc_info=True)
+        self.log.warning("No one-time keys from %s; they may miss this message", missing)
 
     # Who can read --------------------------------------------------------------------------
 
