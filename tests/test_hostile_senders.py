@@ -96,3 +96,16 @@ async def test_bot_commands_are_bounded(running: Env) -> None:
     await sync_until(alice, lambda rid, e: rid == room_id and e.sender == running.bot_mxid
                      and "too long for a command" in getattr(e, "body", ""))
     assert not [r for r in alice.rooms if r != room_id and "crowd" in str(alice.rooms[r].name)]
+
+
+async def test_a_mail_to_two_thousand_people_is_delivered(running: Env) -> None:
+    alice = await running.new_user()
+    to = f"{local(alice.user_id)}@localhost"
+    crowd = [f"person{i:04d}@crowd{i % 7}.example" for i in range(2000)]
+    token = unique("thousands")
+    msg = make_mail(to=", ".join([to, *crowd[:1000]]), cc=", ".join(crowd[1000:]), text=token)
+    await send(running.smtp_port, msg, [to])
+    room_id = await accept_invite(alice, timeout=120)
+    (text,) = await texts(alice, room_id, 1, timeout=120)
+    assert token in text.body
+    assert "others" in text.body  # the people not seated are named, not invited
