@@ -42,6 +42,9 @@ class FakeSender:
     async def handle_member_event(self, evt: StateEvent) -> None:
         pass
 
+    async def request_key(self, evt: Any) -> None:
+        pass
+
 
 @dataclass
 class FakeHub:
