@@ -18,6 +18,7 @@ from mautrix.crypto import PgCryptoStore
 from mautrix.util.async_db import Database, Scheme
 
 from .. import sqlite_pool
+from .lock import DatabaseInUse, InstanceLock, acquire_instance_lock
 from .state import BridgeState, TxnLog
 from .upgrade import upgrade_table
 
@@ -26,7 +27,10 @@ sqlite_pool.register()
 
 __all__ = [
     "BridgeState",
+    "DatabaseInUse",
+    "InstanceLock",
     "TxnLog",
+    "acquire_instance_lock",
     "checkpoint_wal",
     "is_sqlite",
     "open_database",
