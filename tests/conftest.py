@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 from mautrix.util.async_db import Database
+from ruamel.yaml import YAML
 from yarl import URL
 
+from bridge.config import write_values
 from bridge.db import open_database
 
 from .element_client import ElementDevices, element_devices, node_unavailable
@@ -115,3 +118,44 @@ async def db(db_url: str) -> AsyncIterator[Database]:
         yield db
     finally:
         await db.stop()
+
+
+# The pg bridge: the integration tests again, with the bridge's database on PostgreSQL.
+
+@pytest.fixture(scope="session")
+async def pg_bridge_database(synapse_env: Env, pg_server: str | None) -> AsyncIterator[str]:
+    """A fresh database on the session's PostgreSQL server, written into the pg bridge's config.
+    Set up after the stack and the server, so torn down before them: the bridge stops first."""
+    if pg_server is None:
+        pytest.skip(UNAVAILABLE)
+    name = f"cloakroom_e2e_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(pg_server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = str(URL(pg_server).with_path(f"/{name}"))
+    write_values(synapse_env.pg.config_path, {"database": url})
+    try:
+        yield url
+    finally:
+        synapse_env.pg.stop()
+
+
+@pytest.fixture
+async def pg(running: Env, pg_bridge_database: str) -> AsyncIterator[Env]:
+    """The pg bridge running, seen as an Env of its own (its SMTP port, bot and config), which
+    acts only for the users in tests.stack.PG_USERS. Its nio clients are closed afterwards."""
+    process = running.pg
+    if process.process is None or process.process.poll() is not None:
+        process.process = None
+        await asyncio.to_thread(process.start)
+    config = YAML(typ="safe").load(process.config_path.read_text())
+    view = dataclasses.replace(
+        running, bridge=process, config=config, smtp_port=running.pg_smtp_port,
+        bot_mxid=f"@{config['appservice']['bot_username']}:localhost", clients=[],
+    )
+    try:
+        yield view
+    finally:
+        await view.close()

@@ -113,6 +113,23 @@ def postfix_extra() -> dict[str, Any]:
     }
 
 
+# The pg bridge (its database on the session's throwaway PostgreSQL server) acts only for these
+# users. Its `database` is set by tests/conftest.py (`pg`) once that server runs: Synapse needs the
+# registration at start, the server is only started by the first test that asks for it.
+PG_USERS = [f"pg{i}" for i in range(1, 21)]
+PG_PLACEHOLDER = "postgres://unset.invalid/set-by-the-pg-fixture"
+
+
+def pg_extra() -> dict[str, Any]:
+    return {
+        "appservice.id": "cloakroom-pg",
+        "appservice.bot_username": "pgbot",
+        "bridge.username_template": "_email5_{address}",
+        "permissions": {"localhost": "none", **{f"@{u}:localhost": "user" for u in PG_USERS}},
+        "database": PG_PLACEHOLDER,
+    }
+
+
 def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     """DNS and Synapse running, the bridge configured (call env.bridge.start() to run it)."""
     hs_port, as_port, smtp_port = free_port(), free_port(), free_port()
@@ -138,11 +155,17 @@ def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
         base, hs_url, postfix_port, postfix_lmtp, dns.port, relay.port,
         {**postfix_extra(), **(extra or {})}, name="config-postfix",
     )
+    pg_port, pg_smtp = free_port(), free_port()
+    pg_config = write_bridge_config(
+        base, hs_url, pg_port, pg_smtp, dns.port, relay.port,
+        {**pg_extra(), **(extra or {})}, name="config-pg",
+    )
     synapse = LocalSynapse(
         base_dir=base / "synapse",
         port=hs_port,
         registration_files=[base / "reg.yaml", base / "reg-onboarding.yaml",
-                            base / "reg-strict.yaml", base / "reg-postfix.yaml"],
+                            base / "reg-strict.yaml", base / "reg-postfix.yaml",
+                            base / "reg-pg.yaml"],
         relaxed_rate_limits=True,
     )
     synapse.prepare()
@@ -158,6 +181,9 @@ def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     env.strict_smtp_port = strict_smtp
     # Started by tests/test_postfix.py, after it has set the ports of its Postfix.
     env.postfix = BridgeProcess(postfix_config, postfix_port, base / "bridge-postfix.log")
+    # Started by tests/conftest.py (`pg`), after it has pointed the config at PostgreSQL.
+    env.pg = BridgeProcess(pg_config, pg_port, base / "bridge-pg.log")
+    env.pg_smtp_port = pg_smtp
     return env
 
 
@@ -167,6 +193,8 @@ def stop_stack(env: Env) -> None:
     env.strict.stop()
     if getattr(env, "postfix", None) is not None:
         env.postfix.stop()
+    if getattr(env, "pg", None) is not None:
+        env.pg.stop()
     env.synapse.stop()
     env.dns.__exit__(None, None, None)
     env.relay.stop()
