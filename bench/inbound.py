@@ -4,9 +4,10 @@ N mails over k SMTP connections into the real bridge, timed until a matrix-nio c
 them decrypted; against a baseline in the same run: the same N events as raw `PUT /send` of
 same-size `m.room.encrypted` payloads by k concurrent senders into a room on the same Synapse,
 timed until the same client has received them. Prints both rates, their ratio (target ≥ 0.8),
-and the bridge's p50/p99 latency from end of DATA to decryptable event.
+the bridge's p50/p99 latency from end of DATA to decryptable event, and the bridge process's own
+CPU time (user + system) per mail (target ≤ 3 ms).
 
-    make bench                         # N=500, k=4
+    make bench                         # (bench.report) N=500, k=4
     .venv/bin/python -m bench.inbound -n 200 -k 2
 """
 
@@ -28,6 +29,7 @@ from nio import AsyncClient, MegolmEvent, RoomMessageText, SyncResponse
 from tests.harness import ENCRYPTION_STATE, accept_invite
 from tests.mail import make_mail
 
+from .proc import cpu_seconds
 from .setup import BenchEnv, start_env
 
 
@@ -57,26 +59,41 @@ def _smtp_worker(
             sent[token] = time.perf_counter()
 
 
-async def bridge_run(env: BenchEnv, alice: AsyncClient, n: int, k: int) -> tuple[float, list]:
+async def warm_up(env: BenchEnv, alice: AsyncClient, k: int) -> list[str]:
+    """The k portal rooms (sender0..k-1 → alice) exist and are joined; returns their IDs."""
     to = env.mailbox(alice)
-    # Warm up: the k portal rooms exist and are joined before timing starts.
+    rooms = []
     for i in range(k):
         await asyncio.to_thread(
             _smtp_worker, env.smtp_port, to, [f"warmup-{i}"], {}, f"sender{i}@example.org"
         )
-        await accept_invite(alice)
-    tokens = [f"bench-{i}-{secrets.token_hex(3)}" for i in range(n)]
-    wanted = set(tokens)
-    sent: dict[str, float] = {}
-    seen: dict[str, float] = {}
+        rooms.append(await accept_invite(alice))
+    return rooms
 
+
+def token_key(wanted: set[str]):
+    """The key function for _watch: the token a decrypted bridged mail starts its last line with."""
     def key(event) -> str | None:
         if isinstance(event, RoomMessageText) and event.decrypted and event.body:
             first = event.body.splitlines()[-1].split(" ", 1)[0]
             return first if first in wanted else None
         return None
+    return key
 
-    watcher = asyncio.create_task(_watch(alice, seen, n, key))
+
+async def bridge_run(
+    env: BenchEnv, alice: AsyncClient, n: int, k: int, warm: bool = True
+) -> tuple[float, list, float]:
+    """(mails/s, latencies in s, the bridge's CPU seconds) for n mails over k connections."""
+    to = env.mailbox(alice)
+    if warm:
+        await warm_up(env, alice, k)
+    tokens = [f"bench-{i}-{secrets.token_hex(3)}" for i in range(n)]
+    sent: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    watcher = asyncio.create_task(_watch(alice, seen, n, token_key(set(tokens))))
+    pid = env.env.bridge.process.pid
+    cpu_before = cpu_seconds(pid)
     start = time.perf_counter()
     # k correspondents, one SMTP connection each: k conversations, like k senders below.
     chunks = [tokens[i::k] for i in range(k)]
@@ -84,51 +101,70 @@ async def bridge_run(env: BenchEnv, alice: AsyncClient, n: int, k: int) -> tuple
         asyncio.to_thread(_smtp_worker, env.smtp_port, to, c, sent, f"sender{i}@example.org")
         for i, c in enumerate(chunks)
     ))
-    await watcher
+    await asyncio.wait_for(watcher, 120 + n)
     elapsed = max(seen.values()) - start
+    cpu = cpu_seconds(pid) - cpu_before
     latencies = [seen[t] - sent[t] for t in tokens]
-    return n / elapsed, latencies
+    return n / elapsed, latencies, cpu
 
 
-async def baseline_run(env: BenchEnv, alice: AsyncClient, n: int, k: int, size: int) -> float:
-    senders = [await env.user(f"baseline{i}") for i in range(k)]
-    rooms = []
-    for sender in senders:
+async def baseline_rooms(
+    env: BenchEnv, alice: AsyncClient, k: int
+) -> list[tuple[AsyncClient, str]]:
+    """k senders, each with an encrypted room alice has joined."""
+    out = []
+    for i in range(k):
+        sender = await env.user(f"baseline{i}")
         resp = await sender.room_create(invite=[alice.user_id], initial_state=[ENCRYPTION_STATE])
-        rooms.append(resp.room_id)
         await accept_invite(alice)
-    payload = base64.b64encode(os.urandom(size)).decode()
-    seen: dict[str, float] = {}
+        out.append((sender, resp.room_id))
+    return out
 
+
+def encrypted_content(tag: str, payload: str) -> dict:
+    return {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "sender_key": "A" * 43,
+        "device_id": "BASELINE",
+        "session_id": tag,
+        "ciphertext": payload,
+    }
+
+
+def session_key(prefix: str):
+    """The key function for _watch: the session_id of a baseline event (never decrypted)."""
     def key(event) -> str | None:
-        if isinstance(event, MegolmEvent) and event.session_id.startswith("base-"):
+        if isinstance(event, MegolmEvent) and event.session_id.startswith(prefix):
             return event.session_id
         return None
+    return key
 
-    watcher = asyncio.create_task(_watch(alice, seen, n, key))
+
+async def baseline_run(env: BenchEnv, alice: AsyncClient, n: int, k: int, size: int,
+                       rooms: list[tuple[AsyncClient, str]] | None = None) -> float:
+    pairs = rooms or await baseline_rooms(env, alice, k)
+    senders = [s for s, _ in pairs]
+    rooms_ = [r for _, r in pairs]
+    payload = base64.b64encode(os.urandom(size)).decode()
+    seen: dict[str, float] = {}
+    watcher = asyncio.create_task(_watch(alice, seen, n, session_key("base-")))
 
     async def worker(j: int, session: aiohttp.ClientSession) -> None:
-        url = f"{env.synapse.url}/_matrix/client/v3/rooms/{rooms[j]}/send/m.room.encrypted"
+        url = f"{env.synapse.url}/_matrix/client/v3/rooms/{rooms_[j]}/send/m.room.encrypted"
         headers = {"Authorization": f"Bearer {senders[j].access_token}"}
         for i in range(j, n, k):
-            content = {
-                "algorithm": "m.megolm.v1.aes-sha2",
-                "sender_key": "A" * 43,
-                "device_id": "BASELINE",
-                "session_id": f"base-{i}",
-                "ciphertext": payload,
-            }
+            content = encrypted_content(f"base-{i}", payload)
             async with session.put(f"{url}/base{i}", json=content, headers=headers) as r:
                 r.raise_for_status()
 
     start = time.perf_counter()
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(worker(j, session) for j in range(k)))
-    await watcher
+    await asyncio.wait_for(watcher, 120 + n)
     return n / (max(seen.values()) - start)
 
 
-def _percentile(values: list[float], p: float) -> float:
+def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
@@ -142,7 +178,7 @@ async def main() -> None:
         env = await start_env(Path(tmp))
         try:
             alice = await env.user("alice")
-            bridge_rate, latencies = await bridge_run(env, alice, args.n, args.k)
+            bridge_rate, latencies, cpu = await bridge_run(env, alice, args.n, args.k)
             # Same size as what the bridge posts: a Megolm ciphertext of a ~500-byte message.
             base_rate = await baseline_run(env, alice, args.n, args.k, size=560)
         finally:
@@ -155,7 +191,8 @@ async def main() -> None:
     print(f"| baseline: raw PUT /send → received in nio | {base_rate:.1f} |")
     print(f"| ratio (target ≥ 0.8) | {ratio:.2f} |")
     print(f"Latency DATA end → decryptable: p50 {statistics.median(latencies) * 1000:.0f} ms, "
-          f"p99 {_percentile(latencies, 99) * 1000:.0f} ms")
+          f"p99 {percentile(latencies, 99) * 1000:.0f} ms")
+    print(f"Bridge CPU (user + system): {cpu / args.n * 1000:.1f} ms per mail (target ≤ 3)")
 
 
 if __name__ == "__main__":

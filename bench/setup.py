@@ -35,13 +35,14 @@ class BenchEnv:
         await asyncio.to_thread(stop_stack, self.env)
 
 
-async def start_env(base: Path) -> BenchEnv:
+async def start_env(base: Path, more: dict | None = None) -> BenchEnv:
     # Benchmarks measure throughput, not the flood limits tests check.
     extra = {
         "email.rate_limit.per_sender_per_hour": 1_000_000,
         "email.rate_limit.per_recipient_per_hour": 1_000_000,
         "email.outbound.rate_limit": 1_000_000,
         "logging.loggers.bridge.level": "INFO",
+        **(more or {}),
     }
     env = await asyncio.to_thread(start_stack, base, extra)
     await asyncio.to_thread(env.bridge.start)
