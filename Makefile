@@ -34,9 +34,18 @@ $(ELEMENT_STAMP): tests/element/package-lock.json
 	else echo "npm not found: the Element-stack tests will be skipped"; fi
 
 # Performance is measured here, as ratios against a baseline in the same run; never in tests.
-bench: $(VENV)/.installed-test
-	$(VPY) -m bench.inbound $(BENCH_ARGS)
-	$(VPY) -m bench.outbound
+# One fresh Synapse for every measure; writes bench/results/{results.json,summary.md,bench.png}.
+# BENCH_ARGS e.g. "-n 200 --mc-n 100 --duration 30 --ghosts 300" (python -m bench.report -h).
+MC_VENV := bench/build/mc-venv
+bench: $(VENV)/.installed-test $(VENV)/.installed-bench $(MC_VENV)/.installed
+	$(VPY) -m bench.report $(BENCH_ARGS)
+
+# matrix-commander, the comparison a user would make today, in a venv of its own: its
+# dependencies never touch ours.
+$(MC_VENV)/.installed:
+	$(PYTHON) -m venv $(MC_VENV)
+	$(MC_VENV)/bin/pip install --quiet matrix-commander==8.0.6
+	touch $@
 
 lint: $(VENV)/.installed-test
 	$(VPY) -m pip install --quiet ruff
