@@ -7,6 +7,7 @@ Ctrl-C stops the bridge, then Synapse.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -51,7 +52,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sink-port", type=int, default=2526, help="port of the local sink outgoing mail goes to"
     )
+    parser.add_argument(
+        "--database", type=_database_arg, default=None, metavar="URL",
+        help="the bridge database, e.g. postgres://user:password@host/dbname (default: SQLite "
+        "in the state directory, or the PostgreSQL database an earlier --database named)",
+    )
     return parser.parse_args(argv)
+
+
+def _database_arg(value: str) -> str:
+    if not value.startswith(("postgres://", "postgresql://", "sqlite:")):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a database URL; use postgres://user:password@host/dbname"
+        )
+    return value
+
+
+def _database_url(config: Path, state: Path, requested: str | None) -> str:
+    """The database to write into the config: the one asked for; else the PostgreSQL database an
+    earlier run was given (a plain `make run` must not switch to an empty SQLite file, which
+    would mean a new bot device and no mail history); else SQLite in the state directory."""
+    if requested:
+        return requested
+    if config.is_file():
+        with contextlib.suppress(YAMLError, OSError, UnicodeDecodeError, AttributeError):
+            current = YAML(typ="safe").load(config.read_text("utf-8")).get("database")
+            if isinstance(current, str) and current.startswith(("postgres://", "postgresql://")):
+                return current
+    return f"sqlite:{state / 'cloakroom.db'}"
 
 
 def _port_free(port: int) -> bool:
@@ -66,7 +94,8 @@ def _port_free(port: int) -> bool:
 
 
 def _bridge_config(
-    state: Path, hs_port: int, as_port: int, smtp_port: int, sink_port: int
+    state: Path, hs_port: int, as_port: int, smtp_port: int, sink_port: int,
+    database: str | None = None,
 ) -> Path:
     """The bridge config: made (with -g) on the first run; the quickstart's own keys are set
     on every run, so a state directory from an older version picks up new ones."""
@@ -81,6 +110,7 @@ def _bridge_config(
             EXIT_REGISTRATION_PATH,
             f"{registration} is a directory; remove it and the quickstart writes a registration",
         )
+    database_url = _database_url(config, state, database)
     fresh = not config.exists()
     if fresh:
         config.write_text(sample_text())
@@ -91,7 +121,7 @@ def _bridge_config(
             "homeserver.domain": "localhost",
             "appservice.address": f"http://127.0.0.1:{as_port}",
             "appservice.port": as_port,
-            "database": f"sqlite:{state / 'cloakroom.db'}",
+            "database": database_url,
             "email.listen.host": "127.0.0.1",
             "email.listen.port": smtp_port,
             # No real relay here: outgoing mail lands in .cloakroom/sent/ instead.
@@ -235,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "with --hs-port/--as-port/--smtp-port/--sink-port.", file=sys.stderr)
             return 1
     try:
-        config = _bridge_config(state, args.hs_port, args.as_port, args.smtp_port, args.sink_port)
+        config = _bridge_config(state, args.hs_port, args.as_port, args.smtp_port,
+                                args.sink_port, args.database)
     except QuickstartError as e:
         print(e, file=sys.stderr)
         return e.exit_code
