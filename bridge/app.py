@@ -24,7 +24,7 @@ from .db import BridgeState, TxnLog, open_database
 from .email.inbound import InboundMail
 from .email.outbound import OutboundWorker, build_outbound
 from .exitcodes import EXIT_DATABASE
-from .identifiers import is_ghost
+from .identifiers import OurUsers, is_ghost
 from .matrix.appservice import BridgeAppService
 from .matrix.bot import Bot
 from .matrix.handler import MatrixHandler
@@ -147,6 +147,7 @@ class Cloakroom:
         await self.crypto.start()
         template, domain = cfg["bridge.username_template"], cfg["homeserver.domain"]
         self.is_ghost = lambda user_id: is_ghost(template, user_id, domain)
+        self.is_ours = OurUsers(self.az.bot_mxid, template, domain)
         self.identities = Identities(
             bot=self.crypto,
             is_ghost=self.is_ghost,
@@ -157,6 +158,7 @@ class Cloakroom:
             state_store=state_store,
             client_session=self.az.http_session,
             share_with=cfg["encryption.share_with"],
+            is_ours=self.is_ours,
         )
         # Transactions carry crypto traffic for the bot and every ghost: route it by user.
         self.az.otk_handler = self.identities.handle_otk_counts
@@ -304,10 +306,6 @@ class Cloakroom:
                 await onboarding.handle_device_lists(lists)
 
         self.az.device_list_handler = device_lists
-
-    def is_ours(self, user_id: str) -> bool:
-        """The bot or one of our ghosts."""
-        return user_id == self.az.bot_mxid or self.is_ghost(user_id)
 
     async def _user_exists(self, user_id: str) -> bool | None:
         """Whether a local Matrix user exists, for RCPT checks; None when we cannot tell now."""

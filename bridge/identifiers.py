@@ -142,6 +142,20 @@ def ghost_address(template: str, user_id: str, domain: str) -> str | None:
     return normalize_address(address)
 
 
+@dataclass(frozen=True)
+class OurUsers:
+    """Who is ours: the bot and every user of our exclusive ghost namespace. The bridge never
+    reacts to their events, never encrypts for them, never greets them. The one definition,
+    handed to everything that asks."""
+
+    bot: str
+    template: str
+    domain: str
+
+    def __call__(self, user_id: str) -> bool:
+        return user_id == self.bot or is_ghost(self.template, user_id, self.domain)
+
+
 def is_ghost(template: str, user_id: str, domain: str) -> bool:
     """Whether user_id lies in our exclusive ghost namespace (what the registration claims),
     whether or not its localpart decodes to an address."""

@@ -265,7 +265,7 @@ async def test_who_turns_encryption_on(db: Database) -> None:
 
 
 async def test_dm_mode_acts_only_in_direct_chats(db: Database) -> None:
-    """One definition of a direct chat (bridge.matrix.direct): exactly two people in it."""
+    """One definition of a direct chat (bridge.direct): exactly two people in it."""
     world = World()
     group = world.room(RoomID("!group:hs"), members=(ALICE, BOB, BOT))
     flagged = world.room(RoomID("!flagged:hs"), members=(ALICE, BOB), direct=True)

@@ -12,8 +12,8 @@ import pytest
 from mautrix.types import Event, RoomID, StateEvent, UserID
 from mautrix.util.async_db import Database
 
+from bridge.direct import is_direct_chat
 from bridge.matrix.bot import default_commands
-from bridge.matrix.direct import is_direct_chat
 from bridge.matrix.handler import MatrixHandler
 
 BOT = UserID("@cloakroom:hs")

@@ -56,9 +56,12 @@ class Identities:
         client_session: ClientSession | None = None,
         max_loaded: int = MAX_LOADED,
         share_with: str = "all",
+        is_ours: Callable[[str], bool] | None = None,
     ) -> None:
         self.bot = bot
         self.is_ghost = is_ghost
+        # bridge.identifiers.OurUsers from the app; the same rule spelled out for unit tests.
+        self._is_ours = is_ours or (lambda u: u == bot.user_id or is_ghost(u))
         self.state_store = state_store
         self.min_trust = MIN_TRUST[share_with]
         bot.machine.send_keys_min_trust = self.min_trust
@@ -229,8 +232,6 @@ class Identities:
             sets.setdefault(row["user_id"], set()).add(row["device_id"])
         return sets
 
-    def _is_ours(self, user_id: str) -> bool:
-        return user_id == self.bot.user_id or self.is_ghost(user_id)
 
     async def rotate_sessions_with(self, user_id: str) -> None:
         """Every identity starts a new Megolm session in every room it shares with user_id."""

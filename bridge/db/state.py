@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 from mautrix.util.async_db import Database
+
+from ..worker import now_ms
 
 
 class BridgeState:
@@ -43,7 +43,7 @@ class TxnLog:
         return row is not None and (digest is None or row in ("", digest))
 
     async def mark(self, txn_id: str, digest: str = "") -> None:
-        now = int(time.time() * 1000)
+        now = now_ms()
         # A reused id (new content) replaces the old record: that is what its next replay is.
         await self.db.execute(
             "INSERT INTO appservice_txn (txn_id, processed_at, digest) VALUES ($1, $2, $3) "
@@ -58,7 +58,7 @@ class TxnLog:
         """Forget ids processed before older_than_ms (ms since the epoch; by default
         RETENTION_MS ago); how many went. The retention job (bridge.retention) calls it."""
         if older_than_ms is None:
-            older_than_ms = int(time.time() * 1000) - self.RETENTION_MS
+            older_than_ms = now_ms() - self.RETENTION_MS
         rows = await self.db.fetch(
             "DELETE FROM appservice_txn WHERE processed_at < $1 RETURNING txn_id", older_than_ms
         )

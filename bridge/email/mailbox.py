@@ -17,6 +17,7 @@ from mautrix.util.async_db import Database
 
 from ..identifiers import parse_local_mailbox
 from ..permissions import Permissions
+from ..worker import now_ms
 
 RELAY_DENIED = "550 5.7.1 Relaying denied: this server only accepts mail for its own mailboxes"
 NO_SUCH_USER = "550 5.1.1 No such mailbox here"
@@ -57,7 +58,7 @@ class KnownMailboxes:
             "INSERT INTO known_mailbox (user_id, verified_at) VALUES ($1, $2) "
             "ON CONFLICT (user_id) DO UPDATE SET verified_at=excluded.verified_at",
             user_id,
-            int(time.time() * 1000),
+            now_ms(),
         )
 
     async def forget(self, user_id: str) -> None:

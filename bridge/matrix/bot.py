@@ -27,12 +27,12 @@ from mautrix.types import (
 )
 
 from ..crypto import CryptoAccount, EncryptedSender, PlaintextRefused
+from ..direct import room_is_direct_chat
 from ..permissions import Level, Permissions
 from ..portal import PortalManager
 from .commands import CORE_COMMANDS, CommandEvent, CommandRegistry
 from .commands_checkup import CHECKUP_COMMANDS
 from .commands_guard import GUARD_COMMANDS
-from .direct import room_is_direct_chat
 from .protocols import CheckupService, RoomGuard
 
 ENCRYPTION_OFF = (

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..direct import room_is_direct_chat
 from .commands import Command, CommandEvent
-from .direct import room_is_direct_chat
 
 OFF_REPLY = (
     "Reminders are off: I won't write to you unasked any more. Send “checkup” whenever you want "

@@ -25,7 +25,7 @@ from mautrix.types import (
 from mautrix.util.async_db import Database
 
 from ..crypto import EncryptedSender
-from ..identifiers import ghost_address, is_ghost
+from ..identifiers import OurUsers, ghost_address
 from ..portal import PortalManager
 from ..portal.outgoing import Outgoing
 from ..portal.start import adopt_dm
@@ -59,6 +59,7 @@ class MatrixHandler:
         self.outgoing = outgoing
         self.queues = RoomQueues()
         self._template = username_template
+        self._ours = OurUsers(bot.mxid, username_template, domain)
         self._domain = domain
         # Injected by app.py (also settable as attributes, as app.py does today).
         self.guard = guard  # the encryption guard, None when off
@@ -88,7 +89,7 @@ class MatrixHandler:
 
     def is_ours(self, user_id: UserID) -> bool:
         """The bot or one of our ghosts: never react to our own events."""
-        return user_id == self.bot.mxid or is_ghost(self._template, user_id, self._domain)
+        return self._ours(user_id)
 
     async def dispatch(self, evt: Event) -> None:
         """Called in transaction order, after the state store has seen the event."""

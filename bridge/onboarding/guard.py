@@ -14,7 +14,7 @@ the room's creator if the guard serves them, else as the bot when it is a member
 power. When none of them may, it does nothing at all, notice included.
 
 What counts as a DM (``dm`` mode) is the bridge's one definition of a direct chat
-(bridge.matrix.direct): exactly two members, joined or invited.
+(bridge.direct): exactly two members, joined or invited.
 
 Blast radius. The namespace lets the appservice act as *any* local user, so the guard narrows
 whom it acts for and where:
@@ -33,7 +33,6 @@ whom it acts for and where:
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -60,8 +59,9 @@ from mautrix.types import (
 from mautrix.util.async_db import Database
 
 from ..config import Config
-from ..matrix.direct import is_direct_chat
+from ..direct import is_direct_chat
 from ..permissions import Permissions
+from ..worker import now_ms
 
 # The events the handler passes to EncryptionGuard.handle_event. Not m.room.create: it arrives
 # before its creator has even joined; the join and the join rules that follow are what count.
@@ -88,8 +88,6 @@ IsPerson = Callable[[UserID], Awaitable[bool]]
 NOT_A_PERSON_TTL_MS = 10 * 60 * 1000
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class GuardStore:

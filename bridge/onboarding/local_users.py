@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from mautrix.util.async_db import Database
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+from ..worker import now_ms
 
 
 @dataclass

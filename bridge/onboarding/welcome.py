@@ -31,8 +31,9 @@ from mautrix.util.async_db import Database
 from ..crypto import EncryptedSender
 from ..permissions import Permissions
 from ..portal.rooms import ENCRYPTION_STATE
+from ..worker import now_ms
 from .checkup import Checkup, SecurityReport
-from .local_users import LocalUser, LocalUserStore, now_ms
+from .local_users import LocalUser, LocalUserStore
 from .report import render_nudge, render_report, render_welcome
 
 DAY_MS = 24 * 3600 * 1000
