@@ -5,7 +5,7 @@ Flags such as ``is_direct`` or a user's ``m.direct`` list are client hints that 
 set or leave out, so they are not part of it. (A portal's kind ``"dm"`` — a conversation with
 one email correspondent, whoever else is in its room — is a different idea.)
 
-A leaf module (mautrix types only): any layer may import it.
+A leaf module (mautrix types only) beside identifiers.py: every layer may import it.
 """
 
 from __future__ import annotations
