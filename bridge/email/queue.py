@@ -17,7 +17,7 @@ import hmac
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mautrix.util.async_db import Connection, Database
 
@@ -56,7 +56,7 @@ class DueDelivery:
     order_key: str
     mail_from: str
     auth: dict | None
-    raw: bytes
+    raw: bytes = field(repr=False)  # the mail itself: never in a log line
 
 
 class InboundQueue:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mautrix.util.async_db import Database
 
@@ -28,7 +28,7 @@ class OutboxRow:
     message_id: str
     mail_from: str
     recipients: list[str]
-    raw: bytes
+    raw: bytes = field(repr=False)  # the mail itself: never in a log line
     attempts: int
     created_at: int
 

@@ -55,7 +55,7 @@ class MailJob:
     owner: str  # the local Matrix user
     recipient: str  # the address it was sent to
     tag: str  # the +tag of that address, shown to the user
-    raw: bytes
+    raw: bytes = field(repr=False)  # the mail itself: never in a log line
     # The sender-authentication marker for the address shown as the author; None (or a None
     # result) when the sender was authenticated.
     warning_for: Callable[[str], str | None] | None
