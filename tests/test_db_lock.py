@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from bridge.db.lock import DatabaseInUse, InstanceLock, acquire_instance_lock
+from bridge.db.lock import DatabaseInUse, acquire_instance_lock
 from bridge.exitcodes import EXIT_DATABASE
 
 from .test_startup import _cli, _config
@@ -63,18 +64,6 @@ def contender(url: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)
 
 
-async def acquire_soon(url: str, timeout: float = 10) -> InstanceLock:
-    """After a holder died: PostgreSQL ends its session asynchronously, so poll for the lock."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await acquire_instance_lock(url)
-        except DatabaseInUse:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
-
-
 async def test_a_second_lock_in_the_same_process_is_refused(db_url: str) -> None:
     first = await acquire_instance_lock(db_url)
     assert first.held
@@ -98,16 +87,48 @@ async def test_a_second_process_is_refused_with_exit_21_and_one_sentence(db_url:
         with pytest.raises(DatabaseInUse):
             await acquire_instance_lock(db_url)
     # The holder is gone (its stdin closed or killed): the lock is free again.
-    lock = await acquire_soon(db_url)
+    lock = await acquire_instance_lock(db_url)
     await lock.release()
 
 
 async def test_a_killed_holder_leaves_no_stale_lock(db_url: str) -> None:
+    # PostgreSQL ends the dead holder's session asynchronously: the lock's grace period covers it.
     with holder(db_url) as proc:
         proc.kill()
         proc.wait(10)
-    lock = await acquire_soon(db_url)
+    lock = await acquire_instance_lock(db_url)
     await lock.release()
+
+
+async def test_postgres_waits_out_a_holder_that_stops_within_the_grace(db_url: str) -> None:
+    """A bridge restarted while its predecessor is still shutting down is not refused."""
+    if not db_url.startswith("postgres"):
+        pytest.skip("the grace period is PostgreSQL's (a flock is gone with its process)")
+    with holder(db_url) as proc:
+        waiting = asyncio.create_task(acquire_instance_lock(db_url))
+        # Once the waiter has been refused once (it is in its retry loop), the holder lets go.
+        await _lock_attempted(db_url)
+        assert proc.stdin is not None
+        proc.stdin.close()
+        lock = await waiting
+    assert lock.held
+    await lock.release()
+
+
+async def _lock_attempted(url: str) -> None:
+    """Wait (by watching pg_stat_activity, not the clock) until a second session has tried."""
+    conn = await asyncpg.connect(url)
+    try:
+        deadline = time.monotonic() + 10
+        while await conn.fetchval(
+            # The holder's last statement was its try too; the waiter's, once it has tried.
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = "
+            "'cloakroom instance lock' AND query LIKE '%pg_try_advisory_lock%'"
+        ) < 2:
+            assert time.monotonic() < deadline, "the second lock never connected"
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
 
 
 async def test_a_clean_release_frees_the_lock_at_once(db_url: str) -> None:

@@ -15,11 +15,13 @@ unit file, a test left running), so the second process refuses to start instead.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import logging
 import os
+import time
 
 import asyncpg
 import yarl
@@ -30,6 +32,18 @@ log = logging.getLogger("bridge.db.lock")
 ADVISORY_KEY = 0x436C6F616B726F6F
 # mautrix's pool options, which ride in the URL's query; asyncpg.connect would reject them.
 _POOL_OPTIONS = ("min_size", "max_size")
+# A bridge restarted right after a crash may find its old session still being torn down by the
+# server: the lock is retried this long before the database counts as in use.
+PG_GRACE_SECONDS = 5.0
+# The lock's session: the server probes the connection, so a bridge host that vanished (power
+# loss, network gone) loses the lock within half a minute instead of the kernel's two hours;
+# and a server-wide idle_session_timeout must never end this deliberately idle session.
+_SESSION_SETTINGS = {
+    "application_name": "cloakroom instance lock",
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
 
 
 class DatabaseInUse(Exception):
@@ -89,19 +103,23 @@ async def acquire_instance_lock(url: str) -> InstanceLock:
     raise ValueError(f"no instance lock for database scheme {scheme!r}")
 
 
-async def _lock_postgres(url: str) -> InstanceLock:
+async def _lock_postgres(url: str, grace: float = PG_GRACE_SECONDS) -> InstanceLock:
     parsed = yarl.URL(url)
     dsn = str(parsed.with_query({k: v for k, v in parsed.query.items()
                                  if k not in _POOL_OPTIONS}))
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, server_settings=_SESSION_SETTINGS)
     try:
-        got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_KEY)
+        # PostgreSQL 14+ only; older servers have no such timeout to disable.
+        with contextlib.suppress(asyncpg.UndefinedObjectError):
+            await conn.execute("SET idle_session_timeout = 0")
+        deadline = time.monotonic() + grace
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_KEY):
+            if time.monotonic() >= deadline:
+                raise DatabaseInUse(url)
+            await asyncio.sleep(0.25)
     except BaseException:
         await conn.close()
         raise
-    if not got:
-        await conn.close()
-        raise DatabaseInUse(url)
     return InstanceLock(url, conn=conn)
 
 
