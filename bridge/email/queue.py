@@ -246,13 +246,16 @@ class InboundQueue:
     async def finish(self, queue_id: str, user_id: str, state: str, error: str = "") -> None:
         """Mark one delivery done; when none is pending, delete the message and its raw text."""
         async with self.db.acquire() as conn, conn.transaction():
+            # next_attempt becomes the moment it finished: a failure is kept for the admin for
+            # the retention time counted from then, not from its arrival.
             await conn.execute(
-                "UPDATE inbound_delivery SET state = $3, last_error = $4 "
+                "UPDATE inbound_delivery SET state = $3, last_error = $4, next_attempt = $5 "
                 "WHERE message_id = $1 AND user_id = $2",
                 queue_id,
                 user_id,
                 state,
                 error[:1000] or None,
+                now_ms(),
             )
             unfinished = await conn.fetchval(
                 "SELECT COUNT(*) FROM inbound_delivery "
@@ -312,8 +315,8 @@ class InboundQueue:
         """Forget deliveries that failed for good once their retention time is over."""
         async with self.db.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                "DELETE FROM inbound_delivery WHERE state = 'failed' AND message_id IN "
-                "(SELECT id FROM inbound_message WHERE received_at < $1) RETURNING message_id",
+                "DELETE FROM inbound_delivery WHERE state = 'failed' AND next_attempt < $1 "
+                "RETURNING message_id",
                 older_than_ms,
             )
             await conn.execute(
