@@ -147,6 +147,8 @@ class MatrixHandler:
             ):
                 self.queues.submit(evt.room_id, self._tell_user_joined(target, evt.room_id))
         elif target != self.bot.mxid and membership in (Membership.LEAVE, Membership.BAN):
+            if not self.is_ours(target):
+                self.queues.submit(evt.room_id, self.hub.owner_left(evt.room_id, target))
             self.queues.submit(evt.room_id, self.bot.handle_member_left(evt))
 
     async def _tell_user_joined(self, user_id: UserID, room_id: RoomID) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from mautrix.appservice import IntentAPI
 
-from ..identifiers import ghost_mxid, normalize_address
+from ..identifiers import ghost_mxid, is_ghost, normalize_address
 from .store import GhostStore
 
 
@@ -35,6 +35,12 @@ class Ghosts:
 
     def mxid(self, address: str) -> str:
         return ghost_mxid(self.template, address, self.domain)
+
+    def owns(self, user_id: str) -> bool:
+        return is_ghost(self.template, user_id, self.domain)
+
+    async def leave(self, user_id: str, room_id: str) -> None:
+        await self._intent_for(user_id).leave_room(room_id)
 
     async def reject_invite(self, address: str, room_id: str) -> None:
         intent = self._intent_for(self.mxid(normalize_address(address)))

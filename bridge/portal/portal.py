@@ -20,6 +20,7 @@ from mautrix.client.state_store.asyncpg import PgStateStore
 from mautrix.types import (
     EncryptionAlgorithm,
     EventType,
+    Membership,
     RoomEncryptionStateEventContent,
     RoomID,
     UserID,
@@ -114,6 +115,22 @@ class PortalManager:
         await self.notify(
             room_id, "Encryption was off in this conversation, so I turned it back on.", None
         )
+
+    async def owner_left(self, room_id: RoomID, user_id: str) -> None:
+        """The owner left (or was banned from) their conversation room: archive it. Nobody
+        reads that room any more, so the next mail of the conversation makes a fresh one
+        rather than posting into it; the bridge's own users leave it too."""
+        portal = await self.portals.by_room(room_id)
+        if portal is None or portal.owner != user_id:
+            return
+        await self.portals.set_room(portal.id, None)
+        self.log.info("%s left %s: portal %s archived", user_id, room_id, portal.id)
+        for member in await self.state_store.get_members(room_id, memberships=(Membership.JOIN,)):
+            if member == self.bot.mxid:
+                continue
+            if self.ghosts.owns(member):
+                await self.ghosts.leave(member, room_id)
+        await self.bot.leave_room(room_id, reason="The conversation was left; it is archived")
 
     async def portal_for_room(self, room_id: RoomID) -> PortalRow | None:
         return await self.portals.by_room(room_id)

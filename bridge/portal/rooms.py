@@ -51,8 +51,10 @@ async def create_portal_room(
 
 
 def _power_users(creator: IntentAPI, bot: IntentAPI, owner: str) -> dict[str, int]:
-    # Since room version 12 the creator's power is implied, and listing it is an error.
-    users = {bot.mxid: 100, owner: 50}
+    # Since room version 12 the creator's power is implied, and listing it is an error. The
+    # owner has full power in their own conversation; the bridge keeps what it needs (the bot,
+    # and the ghost that created a DM) to manage ghosts and encryption.
+    users = {bot.mxid: 100, owner: 100}
     users.pop(creator.mxid, None)
     return users
 

@@ -140,7 +140,7 @@ class PortalStore:
         assert row is not None
         return row
 
-    async def set_room(self, portal_id: str, room_id: str) -> None:
+    async def set_room(self, portal_id: str, room_id: str | None) -> None:
         await self.db.execute("UPDATE portal SET room_id=$1 WHERE id=$2", room_id, portal_id)
 
     async def set_subject(self, portal_id: str, subject: str) -> None:
