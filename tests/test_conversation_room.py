@@ -40,3 +40,60 @@ async def test_leaving_archives_the_conversation_and_new_mail_gets_a_fresh_room(
     assert new_room != old_room
     (msg,) = await texts(alice, new_room, 1)
     assert second in msg.body
+
+
+async def _two_mails(env: Env, alice, sender: str, first_raw=None, second_raw=None):
+    to = f"{local(alice.user_id)}@localhost"
+    address = sender.rpartition("<")[2].rstrip(">")
+    one, two = unique("one"), unique("two")
+    await send(env.smtp_port, first_raw(to, one) if first_raw else make_mail(
+        to=to, sender=sender, text=one), [to], mail_from=address)
+    room_id = await accept_invite(alice)
+    await texts(alice, room_id, 1)
+    await send(env.smtp_port, second_raw(to, two) if second_raw else make_mail(
+        to=to, sender=sender, text=two), [to], mail_from=address)
+    found = await texts(alice, room_id, 2)
+    return room_id, next(e for e in found if one in e.body), next(e for e in found if two in e.body)
+
+
+async def test_mail_that_cannot_be_verified_is_said_once(running: Env) -> None:
+    alice = await running.new_user()
+    sender = f"Una <una@{unique('plain')}.test>"  # no SPF, no DKIM, no DMARC record
+    room_id, first, second = await _two_mails(running, alice, sender)
+    assert "could not verify" in first.body and "said once" in first.body
+    assert "could not verify" not in second.body
+    state = await asyncio.to_thread(
+        running.synapse.request, "GET", f"/_matrix/client/v3/rooms/{room_id}/state/m.room.topic",
+        None, alice.access_token)
+    assert "not verified" in state["topic"]
+
+
+async def test_a_failed_check_is_said_on_every_mail(running: Env) -> None:
+    domain = f"{unique('lax')}.test"
+    running.dns.txt(domain, "v=spf1 ip4:192.0.2.10 -all")
+    running.dns.txt(f"_dmarc.{domain}", "v=DMARC1; p=none")
+    alice = await running.new_user()
+    _, first, second = await _two_mails(running, alice, f"CEO <ceo@{domain}>")
+    assert "could not verify" in first.body and "could not verify" in second.body
+    assert "said once" not in second.body
+
+
+async def test_a_sender_who_always_passed_and_then_does_not_is_flagged(running: Env) -> None:
+    import dkim
+
+    from .dkimkeys import make_key
+
+    key = make_key()
+    domain = f"{unique('signed')}.test"
+    running.dns.txt(f"sel._domainkey.{domain}", key.record)
+    alice = await running.new_user()
+
+    def signed(to: str, token: str) -> bytes:
+        msg = make_mail(to=to, sender=f"Sam <sam@{domain}>", text=token)
+        raw = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+        return dkim.sign(raw, b"sel", domain.encode(), key.private_pem,
+                         include_headers=[b"from", b"to", b"subject", b"message-id"]) + raw
+
+    _, first, second = await _two_mails(running, alice, f"Sam <sam@{domain}>", first_raw=signed)
+    assert "could not verify" not in first.body
+    assert "could not verify" in second.body  # the standing changed: said again

@@ -11,6 +11,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
+from ..metrics import DELIVERIES, delivered
 from ..portal import MailJob, NoReadableDevice, PortalManager
 from ..worker import DueWorker, backoff_ms, now_ms
 from .auth import AuthVerdict
@@ -79,6 +80,7 @@ class DeliveryWorker:
             tag=d.tag,
             raw=d.raw,
             warning_for=verdict.marker if verdict else None,
+            standing_for=verdict.standing if verdict else None,
             envelope_from=d.mail_from,
             done_parts=await self.queue.done_parts(d.queue_id, d.user_id),
         )
@@ -92,10 +94,12 @@ class DeliveryWorker:
         except NoReadableDevice:
             # Not a failure: the mail waits (without expiring) for its reader's first device.
             await self.holds.hold(d.user_id)
+            DELIVERIES.labels("held").inc()
             return False
         except Exception as e:
             return await self._failed(d, e)
         await self.queue.finish(d.queue_id, d.user_id, "delivered")
+        delivered(d.received_at)
         self.log.info("Delivered %s to %s", d.queue_id, d.user_id)
         if self.on_delivered:
             try:
@@ -111,6 +115,7 @@ class DeliveryWorker:
                 d.queue_id, d.user_id, d.attempts + 1, error,
             )
             await self.queue.finish(d.queue_id, d.user_id, "failed", str(error))
+            DELIVERIES.labels("failed").inc()
             return True
         delay = backoff_ms(d.attempts, MAX_BACKOFF_MS)
         self.log.warning(
@@ -119,5 +124,6 @@ class DeliveryWorker:
             exc_info=d.attempts == 0,
         )
         await self.queue.retry_later(d.queue_id, d.user_id, delay, repr(error))
+        DELIVERIES.labels("retried").inc()
         return False
 

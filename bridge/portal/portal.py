@@ -28,6 +28,7 @@ from mautrix.types import (
 from mautrix.util.async_db import Database
 
 from ..crypto import EncryptedSender, NoReadableDevice
+from ..db import BridgeState
 from ..formatter import (
     Address,
     ParsedMail,
@@ -63,6 +64,8 @@ class MailJob:
     envelope_from: str
     done_parts: dict[int, str] = field(default_factory=dict)  # part index → event id
     record_part: Callable[[int, str], Awaitable[None]] | None = None
+    # proven | failed | unverified for the address shown (AuthVerdict.standing); None: unknown.
+    standing_for: Callable[[str], str] | None = None
 
 
 @dataclass
@@ -87,6 +90,7 @@ class PortalManager:
         pickle_key: str,
     ) -> None:
         self.portals = PortalStore(db, pickle_key)
+        self.state = BridgeState(db)
         self.messages = MessageMap(db, pickle_key)
         self.bot = bot
         self.ghosts = ghosts
@@ -287,10 +291,14 @@ class PortalManager:
     ) -> None:
         known = await self.messages.find(room_id, _thread_refs(mail))
         thread_root = known.thread_root if known else None
-        content = self._text_content(job, mail, root=thread_root is None)
+        author = self._author(mail, job)
+        standing, note = await self._verdict_note(job, room_id, author)
+        content = self._text_content(job, mail, root=thread_root is None, verdict_note=note)
         if thread_root:
             content["m.relates_to"] = _thread_relation(thread_root, known.event_id)
         first = await self._send_part(job, 0, intent, room_id, content)
+        if standing:
+            await self._remember_standing(room_id, author.address, standing)
         root = thread_root or first
         if mail.message_id:
             reply_to, cc = self._reply_targets(mail, job)
@@ -335,13 +343,47 @@ class PortalManager:
             others = []  # answering a list goes to the list (its Reply-To or author), not to all
         return reply_to, list(dict.fromkeys(others))
 
-    def _text_content(self, job: MailJob, mail: ParsedMail, root: bool) -> dict[str, Any]:
+    async def _verdict_note(
+        self, job: MailJob, room_id: RoomID, author: Address
+    ) -> tuple[str | None, str | None]:
+        """(standing, the line to show). A failed check is said on every message; mail that
+        merely could not be verified gets one quiet note when the conversation starts and again
+        only when the sender's standing changes, so the warning that must stop a forger does
+        not become noise everyone learns to ignore."""
+        warning = job.warning_for(author.address) if job.warning_for else None
+        if job.standing_for is None:
+            return None, warning  # a verdict from before standings were kept: as it was
+        standing = job.standing_for(author.address)
+        if standing == "failed":
+            return standing, warning
+        if standing == "unverified":
+            previous = await self.state.get(_standing_key(room_id, author.address))
+            if previous != "unverified" and warning:
+                return standing, f"{warning} — said once; again only if this changes"
+        return standing, None
+
+    async def _remember_standing(self, room_id: RoomID, address: str, standing: str) -> None:
+        key = _standing_key(room_id, address)
+        if await self.state.get(key) == standing:
+            return
+        await self.state.set(key, standing)
+        portal = await self.portals.by_room(room_id)
+        if portal and portal.kind == "dm":
+            # The room's topic says the correspondent's current standing.
+            topic = f"Email with {address} · {_STANDING_TOPIC[standing]}"
+            try:
+                await self.bot.send_state_event(room_id, EventType.ROOM_TOPIC, {"topic": topic})
+            except Exception:
+                self.log.warning("Could not update the topic of %s", room_id, exc_info=True)
+
+    def _text_content(
+        self, job: MailJob, mail: ParsedMail, root: bool, verdict_note: str | None = None
+    ) -> dict[str, Any]:
         rendered = render_message(mail, root=root)
         notes = []
         author = self._author(mail, job)
-        warning = job.warning_for(author.address) if job.warning_for else None
-        if warning:
-            notes.append(warning)
+        if verdict_note:
+            notes.append(verdict_note)
         if job.tag:
             notes.append(f"✉ to {job.recipient}")
         notes += self._recipient_notes(mail, job, author)
@@ -393,6 +435,17 @@ def group_key(addresses: Iterable[str]) -> str:
     if len(joined) > 500:
         joined = "sha256:" + hashlib.sha256(joined.encode()).hexdigest()
     return "group:" + joined
+
+
+_STANDING_TOPIC = {
+    "proven": "sender verified",
+    "unverified": "sender not verified (no signature or policy)",
+    "failed": "⚠ sender check failed",
+}
+
+
+def _standing_key(room_id: str, address: str) -> str:
+    return f"standing:{room_id}:{address}"
 
 
 def _some(addresses: list[str], shown: int = 10) -> str:

@@ -98,6 +98,19 @@ class AuthVerdict:
     def should_reject(self) -> bool:
         return self.dmarc == "fail" and self.dmarc_policy == "reject"
 
+    def standing(self, shown_address: str) -> str:
+        """What the reader should be told about the address shown: ``proven``; ``failed`` (a
+        check said no — SPF or DKIM fail, DMARC fail, or the shown domain is not the checked
+        one: the shapes of forgery, warned about on every message); or ``unverified`` (nothing
+        proves it, nothing contradicts it: no signature, no policy, no DNS answer)."""
+        if self.vouches_for(shown_address):
+            return "proven"
+        if self.from_domain and not _same_domain(shown_address, self.from_domain):
+            return "failed"
+        if "fail" in (self.spf, self.dkim, self.dmarc):
+            return "failed"
+        return "unverified"
+
     def marker(self, shown_address: str) -> str | None:
         """A line for readers when the address they are shown is not proven; None when it is."""
         if self.vouches_for(shown_address):
