@@ -97,3 +97,23 @@ async def test_a_sender_who_always_passed_and_then_does_not_is_flagged(running: 
     _, first, second = await _two_mails(running, alice, f"Sam <sam@{domain}>", first_raw=signed)
     assert "could not verify" not in first.body
     assert "could not verify" in second.body  # the standing changed: said again
+
+
+async def test_the_correspondent_has_one_name_from_the_invite_on(running: Env) -> None:
+    from nio import RoomMemberEvent
+
+    alice = await running.new_user()
+    to = f"{local(alice.user_id)}@localhost"
+    sender = f"Nora Name <nora@{unique('names')}.test>"
+    address = sender.rpartition("<")[2].rstrip(">")
+    await send(running.smtp_port, make_mail(to=to, sender=sender, text=unique("n")), [to],
+               mail_from=address)
+    room_id = await accept_invite(alice)
+    await texts(alice, room_id, 1)
+    from .harness import room_history
+
+    ghost = "@_email_" + address.replace("@", "=40") + ":localhost"
+    names = [e.content.get("displayname") for e in await room_history(alice, room_id)
+             if isinstance(e, RoomMemberEvent) and e.state_key == ghost]
+    # Created with its final name: no "changed their name" line in the timeline.
+    assert names and set(names) == {f"Nora Name ({address})"}, names
