@@ -155,8 +155,8 @@ def _bridge_wired() -> bool:
 
 
 @pytest.mark.skipif(not _bridge_wired(), reason="bridge/app.py does not take the lock yet")
-def test_the_bridge_refuses_a_locked_database_with_exit_21(tmp_path: Path) -> None:
-    url = f"sqlite:{tmp_path / 'bridge.db'}"
+def test_the_bridge_refuses_a_locked_database_with_exit_21(tmp_path: Path, db_url: str) -> None:
+    url = db_url
     config = _config(tmp_path, database=url)
     with holder(url):
         proc = _cli("-c", str(config), CLOAKROOM_LOGGING__ROOT__LEVEL="CRITICAL",
