@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ..metrics import MAIL_HOLDS, MAIL_RELEASES
 from ..worker import now_ms
 from .queue import InboundQueue
 
@@ -67,6 +68,7 @@ class HeldReaders:
     async def hold(self, user_id: str) -> None:
         """Hold everything pending for user_id until a device of theirs appears."""
         count = await self.queue.hold_user(user_id)
+        MAIL_HOLDS.inc(count)
         if user_id not in self._checks:
             self.log.info(
                 "Holding %d mail(s) for %s until they have a device that can decrypt", count,
@@ -130,6 +132,7 @@ class HeldReaders:
 
     async def _release(self, user_id: str) -> None:
         count = await self.queue.release_user(user_id)
+        MAIL_RELEASES.inc(count)
         self._checks.pop(user_id, None)
         self.log.info("%s has a device now: releasing %d held mail(s)", user_id, count)
         try:

@@ -25,6 +25,7 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from ..metrics import MAIL_ACCEPTED, count_refusal, smtp_replies
 from .auth import Authenticator, AuthVerdict, HeaderSection, read_header_section
 from .auth.headers import DEFAULT_MAX_HEADER_SIZE
 from .mailbox import LocalRecipient, RecipientCheck
@@ -182,6 +183,7 @@ class _SessionMixin:
         ip = peer[0] if isinstance(peer, tuple) else str(peer)
         refusal = self.sessions.admit(self, ip)
         if refusal is not None:
+            count_refusal("connect", refusal)
             self.goodbye(refusal)
             return
         await super()._handle_client()  # type: ignore[misc]
@@ -193,6 +195,7 @@ class _SessionMixin:
     async def push(self, status: str) -> None:  # type: ignore[override]
         if status.startswith("552 Error"):
             status = TOO_BIG
+            count_refusal("data", status)  # aiosmtpd's own refusal: our DATA hook never runs
         await super().push(status)  # type: ignore[misc]
 
 
@@ -254,6 +257,7 @@ class InboundHandler:
         self.on_queued = on_queued
         self.log = log
 
+    @smtp_replies("mail")
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
@@ -279,6 +283,7 @@ class InboundHandler:
         ip = _peer_ip(session)
         return None if self.sessions.is_exempt(ip) else ip
 
+    @smtp_replies("rcpt")
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
@@ -326,6 +331,7 @@ class InboundHandler:
                           size)
         return full
 
+    @smtp_replies("data")
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         recipients: list[LocalRecipient] = getattr(envelope, "cloakroom_rcpts", [])
         try:
@@ -406,6 +412,7 @@ class InboundHandler:
             self.per_null_sender_ip.hit(null_key)  # type: ignore[union-attr]
         for user_id in {r.user_id for r in recipients}:
             self.per_recipient.hit(user_id)
+        MAIL_ACCEPTED.inc()
         self.on_queued()
         return queue_id
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from ..config import Config
+from ..metrics import OUTBOUND
 from ..portal import PortalManager
 from ..portal.outbox import Outbox, OutboxRow
 from ..worker import DueWorker, backoff_ms, now_ms
@@ -87,13 +88,16 @@ class OutboundWorker:
         outcome = await self._send(row)
         if outcome.permanent:
             await self.outbox.finish(row.event_id, "failed", "; ".join(outcome.permanent))
+            OUTBOUND.labels("bounced").inc()
             await self._tell(row, "⚠ This message was not delivered:\n" + "\n".join(
                 f"• {line}" for line in outcome.permanent))
         elif outcome.temporary is None:
             await self.outbox.finish(row.event_id, "sent")
+            OUTBOUND.labels("sent").inc()
             self.log.info("Sent %s as <%s>", row.event_id, row.message_id)
         elif now_ms() - row.created_at > self.lifetime_ms:
             await self.outbox.finish(row.event_id, "failed", outcome.temporary)
+            OUTBOUND.labels("expired").inc()
             hours = self.lifetime_ms // 3_600_000
             await self._tell(row, f"⚠ Gave up sending this message after {hours} h of trying. "
                                   f"The last answer was: {outcome.temporary}")
@@ -102,6 +106,7 @@ class OutboundWorker:
             self.log.warning("Relay problem for %s (attempt %d): %s; retrying in %d s",
                              row.event_id, row.attempts + 1, outcome.temporary, delay // 1000)
             await self.outbox.retry_later(row.event_id, delay, outcome.temporary)
+            OUTBOUND.labels("deferred").inc()
 
     async def _tell(self, row: OutboxRow, text: str) -> None:
         try:

@@ -34,6 +34,7 @@ from mautrix.appservice import AppService
 from mautrix.types import Event, EventType
 
 from ..db import TxnLog
+from ..metrics import observe_transaction
 
 # Synapse sends up to 100 PDUs and 100 EDUs plus to-device messages per transaction; a single
 # PDU may be 64 KiB. Generous, and still a bound.
@@ -134,6 +135,7 @@ class BridgeAppService(AppService):
             raise web.HTTPOk(content_type="application/json", text="{}")
         return transaction_id, body
 
+    @observe_transaction
     async def _http_handle_transaction(self, request: web.Request) -> web.Response:
         # One transaction at a time: Synapse sends them in order and waits for each, and the
         # lock makes the replay check and the mark below atomic if one is retried concurrently.

@@ -39,6 +39,7 @@ from mautrix.types import (
 from mautrix.util.async_db import Database
 
 from ..db import TxnLog
+from ..metrics import DECRYPTION_FAILURES
 from ..worker import backoff_ms, now_ms
 from .appservice import IncomingTransaction, MustRetry, current_transaction
 from .queues import RoomQueues
@@ -313,9 +314,11 @@ class Inbox:
                     return give_up_at
                 log.warning("No key for %s from %s after %d s", row.event_id, row.sender,
                             self.undecryptable_after_ms // 1000)
+                DECRYPTION_FAILURES.labels("no_key").inc()
                 return await self._give_up(row, now)
             except DecryptionError as e:
                 log.warning("Cannot decrypt %s from %s: %s", row.event_id, row.sender, e)
+                DECRYPTION_FAILURES.labels("error").inc()
                 return await self._give_up(row, now)
         try:
             await self._handle(evt)
