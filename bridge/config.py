@@ -386,6 +386,11 @@ class Config:
             raise ConfigError("onboarding.nudge_interval_days", "must be positive")
         if self["encryption.share_with"] not in ("all", "cross-signed"):
             raise ConfigError("encryption.share_with", "must be all or cross-signed")
+        if not 0 <= self["metrics.listen.port"] < 65536:
+            port = self["metrics.listen.port"]
+            raise ConfigError("metrics.listen.port", f"must be a TCP port or 0, got {port}")
+        if self["metrics.timeout"] <= 0:
+            raise ConfigError("metrics.timeout", "must be positive")
         if self["logging"].get("version") != 1:
             raise ConfigError("logging.version", "must be 1 (logging.config.dictConfig schema)")
 
