@@ -110,6 +110,7 @@ class Env:
     bot_mxid: str
     smtp_port: int = 0
     max_recipients: int = 0
+    metrics_port: int = 0  # the main bridge's /metrics and /health
     dns: Any = None  # tests.dnsserver.DnsServer: the bridge's DNS
     relay: Any = None  # tests.relay.TestRelay: where the bridge sends mail
     onboarding: Any = None  # BridgeProcess: a second bridge with the guard and welcome on

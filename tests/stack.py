@@ -29,7 +29,7 @@ ONBOARDING_USERS = [f"onb{i}" for i in range(1, 21)]
 
 def write_bridge_config(
     base: Path, hs_url: str, as_port: int, smtp_port: int, dns_port: int, relay_port: int,
-    extra: dict[str, Any] | None = None, name: str = "config",
+    extra: dict[str, Any] | None = None, name: str = "config", metrics_port: int = 0,
 ) -> Path:
     config = base / f"{name}.yaml"
     config.write_text((Path(__file__).parent.parent / "config.sample.yaml").read_text())
@@ -56,6 +56,8 @@ def write_bridge_config(
         "email.outbound.rate_window_seconds": OUTBOUND_WINDOW,
         # Welcome DMs would be invites every test's user receives; the onboarding bridge has them.
         "onboarding.welcome": False,
+        # Only the main bridge serves /metrics and /health (tests/test_metrics.py); 0: off.
+        "metrics.listen.port": metrics_port,
     }
     values.update(extra or {})
     write_values(config, values)
@@ -132,13 +134,13 @@ def pg_extra() -> dict[str, Any]:
 
 def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     """DNS and Synapse running, the bridge configured (call env.bridge.start() to run it)."""
-    hs_port, as_port, smtp_port = free_port(), free_port(), free_port()
+    hs_port, as_port, smtp_port, metrics_port = free_port(), free_port(), free_port(), free_port()
     # The bridge's only DNS: a real server on loopback whose records the tests set.
     dns = DnsServer().__enter__()
     relay = TestRelay().start()
     hs_url = f"http://127.0.0.1:{hs_port}"
     config_path = write_bridge_config(
-        base, hs_url, as_port, smtp_port, dns.port, relay.port, extra
+        base, hs_url, as_port, smtp_port, dns.port, relay.port, extra, metrics_port=metrics_port
     )
     onb_port, onb_smtp = free_port(), free_port()
     onb_config = write_bridge_config(
@@ -173,7 +175,8 @@ def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
     bridge = BridgeProcess(config_path, as_port, base / "bridge.log")
     config = YAML(typ="safe").load(config_path.read_text())
     env = Env(synapse, bridge, config, base, bot_mxid="@cloakroom:localhost",
-              smtp_port=smtp_port, max_recipients=MAX_RECIPIENTS, dns=dns, relay=relay)
+              smtp_port=smtp_port, max_recipients=MAX_RECIPIENTS, dns=dns, relay=relay,
+              metrics_port=metrics_port)
     # Started by the tests that need it (tests/conftest.py: `onboarding`).
     env.onboarding = BridgeProcess(onb_config, onb_port, base / "bridge-onboarding.log")
     env.onboarding_smtp_port = onb_smtp
