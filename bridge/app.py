@@ -190,6 +190,7 @@ class Cloakroom:
             email_domain=cfg.email_domain,
             collapse_quotes=cfg["email.collapse_quotes"],
             pickle_key=cfg["encryption.pickle_key"],
+            threads=cfg["email.threads"],
         )
         self.outgoing = Outgoing(
             bot=self.az.intent,

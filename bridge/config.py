@@ -401,6 +401,8 @@ class Config:
             raise ConfigError("email.listen.tls_key", "tls_cert and tls_key go together")
         if self["email.relay.security"] not in ("none", "starttls", "tls"):
             raise ConfigError("email.relay.security", "must be none, starttls or tls")
+        if self["email.threads"] not in ("auto", "replies", "threads"):
+            raise ConfigError("email.threads", "must be auto, replies or threads")
         if self["email.outbound.edits"] not in ("notice", "correction"):
             raise ConfigError("email.outbound.edits", "must be notice or correction")
         if bool(self["email.dkim.selector"]) != bool(self["email.dkim.private_key"]):

@@ -117,3 +117,44 @@ async def test_the_correspondent_has_one_name_from_the_invite_on(running: Env) -
              if isinstance(e, RoomMemberEvent) and e.state_key == ghost]
     # Created with its final name: no "changed their name" line in the timeline.
     assert names and set(names) == {f"Nora Name ({address})"}, names
+
+
+async def test_a_group_conversation_is_threaded_with_attachments_beside_their_text(
+    running: Env,
+) -> None:
+    """email.threads auto: lists and groups are threaded; a mail's files follow their mail."""
+    from .harness import room_history
+    from .test_every_device import PNG_1x1
+
+    alice = await running.new_user()
+    to = f"{local(alice.user_id)}@localhost"
+    first_id = f"<{unique('g1')}@example.org>"
+    first = make_mail(to=to, cc="carol@example.net", subject="Team", text=unique("root"),
+                      message_id=first_id)
+    first.add_attachment(PNG_1x1, maintype="image", subtype="png", filename="a.png")
+    await send(running.smtp_port, first, [to])
+    room_id = await accept_invite(alice)
+    second = make_mail(to=to, cc="carol@example.net", subject="Re: Team", text=unique("reply"),
+                       headers={"In-Reply-To": first_id, "References": first_id})
+    second.add_attachment(PNG_1x1, maintype="image", subtype="png", filename="b.png")
+    await send(running.smtp_port, second, [to])
+    found = await texts(alice, room_id, 2)
+    root, reply = found[0], found[1]
+    assert reply.source["content"]["m.relates_to"]["rel_type"] == "m.thread"
+    assert reply.source["content"]["m.relates_to"]["event_id"] == root.event_id
+
+    def image(name: str) -> dict:
+        for e in events:
+            content = getattr(e, "source", {}).get("content", {})
+            if content.get("msgtype") == "m.image" and content.get("body") == name:
+                return content
+        raise AssertionError(f"no {name}")
+
+    for _ in range(60):
+        events = await room_history(alice, room_id)
+        if sum(1 for e in events
+               if getattr(e, "source", {}).get("content", {}).get("msgtype") == "m.image") >= 2:
+            break
+        await asyncio.sleep(0.5)
+    assert "m.relates_to" not in image("a.png")  # the root mail's file: in the timeline
+    assert image("b.png")["m.relates_to"]["event_id"] == root.event_id  # in the thread

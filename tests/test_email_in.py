@@ -130,7 +130,9 @@ async def test_attachment_is_encrypted_media_that_decrypts_to_the_original(runni
     assert "url" not in pdf, "an attachment was uploaded in plaintext"
     assert pdf["body"] == "report.pdf"
     assert pdf["info"]["mimetype"] == "application/pdf"
-    assert pdf["m.relates_to"]["rel_type"] == "m.thread"
+    # email.threads auto: a one-to-one conversation reads as one timeline, the attachments
+    # right after their mail, not hidden in a thread.
+    assert "m.relates_to" not in pdf
     file = pdf["file"]
     download = await alice.download(file["url"])
     assert isinstance(download, MemoryDownloadResponse), download
@@ -157,7 +159,9 @@ async def test_inline_cid_image_is_posted_as_encrypted_image(running: Env) -> No
     assert "file" in content and "url" not in content
 
 
-async def test_a_thread_of_three_mails_is_one_root_and_two_thread_replies(running: Env) -> None:
+async def test_a_thread_of_three_mails_reads_as_replies_in_the_main_timeline(
+    running: Env,
+) -> None:
     alice = await running.new_user()
     to = f"{_local(alice)}@localhost"
     first = make_mail(to=to, subject="Plans", text="one", message_id=f"<{unique()}@example.org>")
@@ -177,10 +181,11 @@ async def test_a_thread_of_three_mails_is_one_root_and_two_thread_replies(runnin
     root = texts[0]
     assert "m.relates_to" not in root.source["content"]
     assert "Plans" in root.body
-    for reply in texts[1:]:
+    # Each later mail replies to the mail it answers (Element shows the quote), in the timeline.
+    for answered, reply in zip(texts, texts[1:], strict=False):
         relation = reply.source["content"]["m.relates_to"]
-        assert relation["rel_type"] == "m.thread"
-        assert relation["event_id"] == root.event_id
+        assert "rel_type" not in relation
+        assert relation["m.in_reply_to"]["event_id"] == answered.event_id
 
 
 async def test_group_mail_gets_a_group_room_with_two_ghosts(running: Env) -> None:
@@ -304,4 +309,5 @@ async def test_unreadable_part_becomes_a_notice_and_the_rest_arrives(running: En
     assert notices, "no notice about the unreadable part"
     content = notices[0].source["content"]
     assert content["body"].startswith("⚠")
-    assert content["m.relates_to"]["event_id"] == text.event_id
+    # A one-to-one conversation is not threaded: the note replies to the mail it is about.
+    assert content["m.relates_to"]["m.in_reply_to"]["event_id"] == text.event_id

@@ -72,9 +72,9 @@ async def test_thread_reply_is_mailed_with_threading_and_the_answer_comes_back(
     alice = await running.new_user()
     room_id, root, bob_mid = await _portal(running, alice)
     token = unique("reply")
-    await _say(alice, room_id, f"Sounds good {token}", thread=root.event_id,
-               extra={"format": "org.matrix.custom.html",
-                      "formatted_body": f"Sounds <b>good</b> {token}"})
+    mine = await _say(alice, room_id, f"Sounds good {token}", thread=root.event_id,
+                      extra={"format": "org.matrix.custom.html",
+                             "formatted_body": f"Sounds <b>good</b> {token}"})
     (mail,) = await _relay_wait(running, _containing(token))
     msg = mail.message
     assert parseaddr(msg["From"])[1] == f"{_local(alice)}@localhost"
@@ -88,7 +88,7 @@ async def test_thread_reply_is_mailed_with_threading_and_the_answer_comes_back(
     types = [part.get_content_type() for part in msg.walk()]
     assert "text/plain" in types and "text/html" in types
     assert "<b>good</b>" in msg.get_body(("html",)).get_content()
-    # Bob answers our mail: it lands in the same Matrix thread.
+    # Bob answers our mail: in this one-to-one conversation it comes as a reply to what we wrote.
     to = f"{_local(alice)}@localhost"
     answer = unique("answer")
     await send(running.smtp_port, make_mail(to=to, subject="Re: Plans", text=answer,
@@ -97,7 +97,7 @@ async def test_thread_reply_is_mailed_with_threading_and_the_answer_comes_back(
                [to])
     reply = await wait_for_event(alice, room_id, lambda e: answer in getattr(e, "body", ""))
     relates = reply.source["content"]["m.relates_to"]
-    assert relates["rel_type"] == "m.thread" and relates["event_id"] == root.event_id
+    assert "rel_type" not in relates and relates["m.in_reply_to"]["event_id"] == mine
 
 
 async def test_encrypted_image_is_attached_byte_for_byte(running: Env) -> None:
@@ -147,7 +147,8 @@ async def test_permanent_failure_becomes_a_notice_replying_to_the_message(runnin
     event_id = await _say(alice, room_id, unique("doomed"), thread=root.event_id)
     notice = await wait_for_event(alice, room_id, _notice_about(event_id, "550 5.1.1"))
     assert "not delivered" in notice.source["content"]["body"]
-    assert notice.source["content"]["m.relates_to"]["event_id"] == root.event_id
+    # One-to-one: a reply in the main timeline, not hidden in a thread.
+    assert "rel_type" not in notice.source["content"]["m.relates_to"]
 
 
 async def test_bridge_killed_with_a_full_outbox_sends_exactly_once(running: Env) -> None:
@@ -294,7 +295,7 @@ async def test_bounce_for_a_sent_message_becomes_a_notice_in_its_thread(running:
     await send(running.smtp_port, dsn, [to], mail_from="")
     notice = await wait_for_event(alice, room_id, _notice_about(event_id, "bob@example.org"))
     assert "550 5.1.1" in notice.source["content"]["body"]
-    assert notice.source["content"]["m.relates_to"]["event_id"] == root.event_id
+    assert "rel_type" not in notice.source["content"]["m.relates_to"]
 
 
 # The main timeline, who mails, who receives, whose name (issues 8, 9 and 13) ---------------------
@@ -327,11 +328,11 @@ async def test_main_timeline_message_continues_the_conversation(running: Env) ->
     assert msg["References"].split() == [f"<{bob_mid}>"]
     assert mail.rcpt_tos == ["bob@example.org"]
     our_mid = msg["Message-ID"]
-    # Bob answers it: the answer threads at the message alice typed.
+    # Bob answers it: the answer replies to the message alice typed.
     answer_mid, answer = await _mail_in_thread(running, alice, "Re: Plans", our_mid.strip("<>"),
                                                headers={"References": f"<{bob_mid}> {our_mid}"})
     reply = await wait_for_event(alice, room_id, lambda e: answer in getattr(e, "body", ""))
-    assert reply.source["content"]["m.relates_to"]["event_id"] == typed
+    assert reply.source["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == typed
     # The next message in the main timeline answers Bob's answer, the latest mail of the room.
     token = unique("main-again")
     await send_text(alice, room_id, token)

@@ -88,7 +88,9 @@ class PortalManager:
         email_domain: str,
         collapse_quotes: bool,
         pickle_key: str,
+        threads: str = "auto",
     ) -> None:
+        self.threads = threads  # email.threads: auto | replies | threads
         self.portals = PortalStore(db, pickle_key)
         self.state = BridgeState(db)
         self.messages = MessageMap(db, pickle_key)
@@ -142,10 +144,14 @@ class PortalManager:
     async def notify(
         self, room_id: RoomID, text: str, reply_to: str | None, thread_root: str | None = None
     ) -> None:
-        """A notice from the bot, in the thread of (and replying to) the event it is about."""
+        """A notice from the bot, replying to the event it is about (in its thread, where the
+        conversation is threaded)."""
         content: dict[str, Any] = {"msgtype": "m.notice", "body": text, "m.mentions": {}}
         if reply_to:
-            if thread_root is None:
+            portal = await self.portals.by_room(room_id)
+            if portal is not None and not self.threaded(portal):
+                thread_root = None
+            elif thread_root is None:
                 known = await self.messages.by_event(room_id, reply_to)
                 thread_root = known.thread_root if known else None
             if thread_root:
@@ -185,7 +191,7 @@ class PortalManager:
         if not await self.sender.can_read(job.owner):
             raise NoReadableDevice(room_id, [job.owner])
         await self.ensure_encrypted(room_id)
-        await self._post(job, mail, room_id, intent)
+        await self._post(job, mail, portal, room_id, intent)
 
     async def readable(self, user_ids: list[str]) -> set[str]:
         """Which of these users now have a device that can read what the bridge posts."""
@@ -286,16 +292,29 @@ class PortalManager:
 
     # Posting ---------------------------------------------------------------------------------
 
+    def threaded(self, portal: PortalRow) -> bool:
+        """Whether this conversation's mail goes into Matrix threads (email.threads; "auto":
+        lists and groups are threaded, a one-to-one conversation reads as one timeline)."""
+        if self.threads == "auto":
+            return portal.kind != "dm"
+        return self.threads == "threads"
+
     async def _post(
-        self, job: MailJob, mail: ParsedMail, room_id: RoomID, intent: IntentAPI
+        self, job: MailJob, mail: ParsedMail, portal: PortalRow, room_id: RoomID,
+        intent: IntentAPI,
     ) -> None:
         known = await self.messages.find(room_id, _thread_refs(mail))
         thread_root = known.thread_root if known else None
+        threaded = self.threaded(portal)
         author = self._author(mail, job)
         standing, note = await self._verdict_note(job, room_id, author)
         content = self._text_content(job, mail, root=thread_root is None, verdict_note=note)
-        if thread_root:
+        if known and threaded:
             content["m.relates_to"] = _thread_relation(thread_root, known.event_id)
+        elif known:
+            # replies: every mail in the main timeline, a later one as a reply to the mail it
+            # answers, so Element shows the quote and the jump back.
+            content["m.relates_to"] = {"m.in_reply_to": {"event_id": known.event_id}}
         first = await self._send_part(job, 0, intent, room_id, content)
         if standing:
             await self._remember_standing(room_id, author.address, standing)
@@ -320,12 +339,19 @@ class PortalManager:
                     width=attachment.width,
                     height=attachment.height,
                 )
-                media["m.relates_to"] = _thread_relation(root, first)
+                # With their mail, never one level deeper than its text: in its thread when the
+                # mail is in one, else in the main timeline right after it.
+                if threaded and thread_root:
+                    media["m.relates_to"] = _thread_relation(root, first)
                 await self._send_part(job, part, intent, room_id, media)
             part += 1
         for problem in mail.problems:
             notice = {"msgtype": "m.notice", "body": f"⚠ {problem}"}
-            notice["m.relates_to"] = _thread_relation(root, first)
+            notice["m.relates_to"] = (
+                _thread_relation(root, first)
+                if threaded and thread_root
+                else {"m.in_reply_to": {"event_id": first}}
+            )
             await self._send_part(job, part, intent, room_id, notice)
             part += 1
 
