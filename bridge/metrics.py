@@ -136,8 +136,6 @@ def delivered(received_at_ms: int) -> None:
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[web.StreamResponse]])
-# What an HTTP exception raised by the transaction handler means for the count.
-_TXN_OUTCOMES = {200: "ok", 500: "retry"}
 
 
 def observe_transaction(handler: Handler) -> Handler:
@@ -153,7 +151,8 @@ def observe_transaction(handler: Handler) -> Handler:
             return response
         except web.HTTPException as e:
             # A replay is acknowledged by raising 200 (see BridgeAppService): not new work.
-            outcome = "replayed" if e.status == 200 else _TXN_OUTCOMES.get(e.status, "refused")
+            # 500: an event could not be recorded (MustRetry); 4xx: a bad token or body.
+            outcome = {200: "replayed", 500: "retry"}.get(e.status, "refused")
             raise
         finally:
             TRANSACTIONS.labels(outcome).inc()
