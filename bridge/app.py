@@ -20,7 +20,14 @@ from mautrix.util.async_db import Database
 from . import __version__
 from .config import Config
 from .crypto import CryptoAccount, EncryptedSender, Identities
-from .db import BridgeState, TxnLog, open_database
+from .db import (
+    BridgeState,
+    DatabaseInUse,
+    InstanceLock,
+    TxnLog,
+    acquire_instance_lock,
+    open_database,
+)
 from .email.inbound import InboundMail
 from .email.outbound import OutboundWorker, build_outbound
 from .exitcodes import EXIT_DATABASE
@@ -61,6 +68,7 @@ class Cloakroom:
         self.config = config
         self.log = logging.getLogger("bridge")
         self.db: Database | None = None
+        self.instance_lock: InstanceLock | None = None
         self.az: BridgeAppService | None = None
         self.crypto: CryptoAccount | None = None
         self.handler: MatrixHandler | None = None
@@ -110,7 +118,11 @@ class Cloakroom:
     async def _open_database(self) -> None:
         url = self.config["database"]
         try:
+            # Before the schema is touched: a second bridge on this database stops here.
+            self.instance_lock = await acquire_instance_lock(url)
             self.db = await open_database(url)
+        except DatabaseInUse as e:
+            raise StartupError(EXIT_DATABASE, str(e)) from e
         except Exception as e:
             raise StartupError(EXIT_DATABASE, f"database: cannot open {_redact(url)}: {e}") from e
 
@@ -384,6 +396,8 @@ class Cloakroom:
             await self.crypto.close()
         if self.db:
             await self.db.stop()
+        if self.instance_lock:
+            await self.instance_lock.release()
 
     def request_stop(self) -> None:
         self._stopping.set()

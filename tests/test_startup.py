@@ -196,15 +196,21 @@ async def test_wrong_pickle_key_exits_20_and_names_the_key(running: Env) -> None
             ).fetchone()
 
     before = account()
-    proc = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "bridge", "-c", str(config)],
-        capture_output=True, text=True, timeout=60,
-        env=_clean_env(
-            CLOAKROOM_ENCRYPTION__PICKLE_KEY="not-the-key-the-database-was-written-with",
-            CLOAKROOM_APPSERVICE__PORT=str(free_port()),
-        ),
-    )
+    # The running bridge holds the database's instance lock; stop it, or the second one is
+    # (rightly) refused for that before it ever reads a key.
+    running.bridge.stop()
+    try:
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "bridge", "-c", str(config)],
+            capture_output=True, text=True, timeout=60,
+            env=_clean_env(
+                CLOAKROOM_ENCRYPTION__PICKLE_KEY="not-the-key-the-database-was-written-with",
+                CLOAKROOM_APPSERVICE__PORT=str(free_port()),
+            ),
+        )
+    finally:
+        await asyncio.to_thread(running.bridge.start)
     assert proc.returncode == EXIT_CRYPTO, proc.stderr[-3000:]
     assert "encryption.pickle_key does not decrypt" in proc.stderr
     # Refusing is all it did: the stored identity is untouched.
