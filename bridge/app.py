@@ -30,11 +30,18 @@ from .db import (
 )
 from .email.inbound import InboundMail
 from .email.outbound import OutboundWorker, build_outbound
-from .exitcodes import EXIT_DATABASE
+from .exitcodes import EXIT_CONFIG, EXIT_DATABASE
 from .identifiers import OurUsers, is_ghost
 from .matrix.appservice import BridgeAppService
 from .matrix.bot import Bot
 from .matrix.handler import MatrixHandler
+from .metrics import (
+    MetricsServer,
+    QueueCollector,
+    bridge_health,
+    ghost_identities_gauge,
+    start_metrics_server,
+)
 from .onboarding.checkup import Checkup
 from .onboarding.guard import build_guard
 from .onboarding.welcome import Onboarding
@@ -77,6 +84,7 @@ class Cloakroom:
         self.onboarding: Onboarding | None = None
         self._stopping = asyncio.Event()
         self.retention: Retention | None = None
+        self.metrics: MetricsServer | None = None
 
     async def start(self) -> None:
         self.log.info("Cloakroom %s starting", __version__)
@@ -98,6 +106,7 @@ class Cloakroom:
         await self._start_email()
         self._start_onboarding(state_store)
         self._start_retention()
+        await self._start_metrics()
         # From here on, transactions that waited for start-up are processed.
         # Events recorded before an earlier run could handle them are picked up first.
         await self.handler.start()
@@ -354,6 +363,29 @@ class Cloakroom:
         ])
         self.retention.start()
 
+    async def _start_metrics(self) -> None:
+        """/metrics and /health on their own listener (metrics.listen; port 0: off)."""
+        cfg = self.config
+        host, port = cfg["metrics.listen.host"], cfg["metrics.listen.port"]
+        if not port:
+            return
+        timeout = float(cfg["metrics.timeout"])
+        try:
+            self.metrics = await start_metrics_server(
+                host,
+                port,
+                bridge_health(homeserver=cfg["homeserver.address"], db=self.db, timeout=timeout),
+                [
+                    QueueCollector(self.db, timeout),
+                    ghost_identities_gauge(lambda: self.identities.loaded_count),
+                ],
+                timeout=timeout,
+            )
+        except OSError as e:
+            raise StartupError(
+                EXIT_CONFIG, f"metrics.listen: cannot listen on {host}:{port}: {e.strerror or e}"
+            ) from e
+
     async def _wait_for_homeserver(self) -> None:
         delay = 1.0
         while True:
@@ -374,6 +406,8 @@ class Cloakroom:
         self.log.info("Stopping")
         if self.retention:
             await self.retention.stop()
+        if self.metrics:
+            await self.metrics.stop()
         if self.inbound:
             await self.inbound.stop()
         if self.outbound:
