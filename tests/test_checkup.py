@@ -345,3 +345,14 @@ async def test_local_user_rows_round_trip(db: Database) -> None:
     assert row is not None and not row.checkup_off and row.dm_room_id == "!dm:hs"
     assert row.welcomed_at and row.last_nudge_at == 1234
     assert row.known_devices == ["A with space", "C"]
+
+
+async def test_the_welcome_greets_by_display_name(onboarding: Env) -> None:
+    user = await onboarding.new_user("onb14")
+    await user.set_displayname("Fourteen Example")
+    await user.room_create(initial_state=[ENCRYPTION_STATE])
+    room_id = await accept_welcome(user)
+    welcome = await wait_for_event(
+        user, room_id, lambda e: e.sender == ONB_BOT and CHECKUP in _body(e)
+    )
+    assert _body(welcome).startswith("Hello Fourteen Example,"), _body(welcome)[:80]

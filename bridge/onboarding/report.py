@@ -124,11 +124,12 @@ def render_report(report: SecurityReport, intro: list[str] | None = None) -> tup
     return "\n\n".join(plain), "".join(html)
 
 
-def render_welcome(report: SecurityReport) -> tuple[str, str]:
+def render_welcome(report: SecurityReport, name: str = "") -> tuple[str, str]:
+    """The welcome, greeting by display name (the user ID when they have none)."""
     intro = [
-        f"Hello {report.user_id}, I'm the Cloakroom bridge: I bring your email into encrypted "
-        "rooms, and I look out for your encryption. This is the only message you will get from "
-        "me unless something needs your attention.",
+        f"Hello {name or report.user_id}, I'm the Cloakroom bridge: I bring your email into "
+        "encrypted rooms, and I look out for your encryption. This is the only message you will "
+        "get from me unless something needs your attention.",
     ]
     if report.mailbox:
         intro.append(

@@ -150,9 +150,15 @@ class Onboarding:
         if room_id is None:
             room_id = await self._create_dm(user_id)
             await self.users.set_dm(user_id, room_id)
-        await self._say(room_id, *render_welcome(report))
+        await self._say(room_id, *render_welcome(report, await self._display_name(user_id)))
         await self.users.set_welcomed(user_id, _ids(report))
         self.log.info("Welcomed %s in %s", user_id, room_id)
+
+    async def _display_name(self, user_id: str) -> str:
+        try:
+            return (await self.bot.get_displayname(UserID(user_id))) or ""
+        except Exception:
+            return ""  # greeted by their user ID instead
 
     async def _create_dm(self, user_id: str) -> RoomID:
         room_id = await self.bot.create_room(
