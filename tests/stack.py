@@ -71,17 +71,25 @@ def write_bridge_config(
     return config
 
 
-def onboarding_extra() -> dict[str, Any]:
+def second_bridge(name: str, bot: str, template: str, users: list[str],
+                  **values: Any) -> dict[str, Any]:
+    """The config of a test bridge beside the main one: its own appservice id, bot and ghost
+    namespace, and permission for its own users only, so it never acts in other tests' rooms."""
     return {
-        "appservice.id": "cloakroom-onboarding",
-        "appservice.bot_username": "onboarding",
-        "bridge.username_template": "_email2_{address}",
-        "permissions": {"localhost": "none", **{f"@{u}:localhost": "user"
-                                               for u in ONBOARDING_USERS}},
+        "appservice.id": f"cloakroom-{name}",
+        "appservice.bot_username": bot,
+        "bridge.username_template": template,
+        "permissions": {"localhost": "none", **{f"@{u}:localhost": "user" for u in users}},
+        **values,
+    }
+
+
+def onboarding_extra() -> dict[str, Any]:
+    return second_bridge("onboarding", "onboarding", "_email2_{address}", ONBOARDING_USERS, **{
         "onboarding.guard": "private",
         "onboarding.welcome": True,
         "onboarding.nudge_interval_days": 7,
-    }
+    })
 
 
 # The strict bridge (encryption.share_with: cross-signed) acts only for these users.
@@ -89,14 +97,8 @@ STRICT_USERS = [f"strict{i}" for i in range(1, 11)]
 
 
 def strict_extra() -> dict[str, Any]:
-    return {
-        "appservice.id": "cloakroom-strict",
-        "appservice.bot_username": "strictbot",
-        "bridge.username_template": "_email3_{address}",
-        "permissions": {"localhost": "none", **{f"@{u}:localhost": "user"
-                                               for u in STRICT_USERS}},
-        "encryption.share_with": "cross-signed",
-    }
+    return second_bridge("strict", "strictbot", "_email3_{address}", STRICT_USERS,
+                         **{"encryption.share_with": "cross-signed"})
 
 
 # The postfix bridge (LMTP behind a real Postfix, with the policy service; tests/test_postfix.py
@@ -105,14 +107,8 @@ POSTFIX_USERS = [f"pf{i}" for i in range(1, 6)]
 
 
 def postfix_extra() -> dict[str, Any]:
-    return {
-        "appservice.id": "cloakroom-postfix",
-        "appservice.bot_username": "postfixbot",
-        "bridge.username_template": "_email4_{address}",
-        "permissions": {"localhost": "none", **{f"@{u}:localhost": "user"
-                                               for u in POSTFIX_USERS}},
-        "email.listen.protocol": "lmtp",
-    }
+    return second_bridge("postfix", "postfixbot", "_email4_{address}", POSTFIX_USERS,
+                         **{"email.listen.protocol": "lmtp"})
 
 
 # The pg bridge (its database on the session's throwaway PostgreSQL server) acts only for these
@@ -123,13 +119,8 @@ PG_PLACEHOLDER = "postgres://unset.invalid/set-by-the-pg-fixture"
 
 
 def pg_extra() -> dict[str, Any]:
-    return {
-        "appservice.id": "cloakroom-pg",
-        "appservice.bot_username": "pgbot",
-        "bridge.username_template": "_email5_{address}",
-        "permissions": {"localhost": "none", **{f"@{u}:localhost": "user" for u in PG_USERS}},
-        "database": PG_PLACEHOLDER,
-    }
+    return second_bridge("pg", "pgbot", "_email5_{address}", PG_USERS,
+                         database=PG_PLACEHOLDER)
 
 
 def start_stack(base: Path, extra: dict[str, Any] | None = None) -> Env:
