@@ -57,6 +57,19 @@ MAX_RETRY_DELAY = 30
 DRAIN_SECONDS = 15
 
 
+def reopen_log_files() -> None:
+    """Close and reopen every file the logging configuration writes to (SIGHUP)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.FileHandler):
+                with handler.lock or contextlib.nullcontext():
+                    if handler.stream:
+                        handler.stream.close()
+                    handler.stream = handler._open()
+    logging.getLogger("bridge").info("Reopened the log files")
+
+
 class StartupError(Exception):
     """Start-up cannot continue; the message names what to fix."""
 
@@ -440,6 +453,8 @@ class Cloakroom:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
+        # logrotate's postrotate (or `systemctl reload`): write to a fresh file at the path.
+        loop.add_signal_handler(signal.SIGHUP, reopen_log_files)
         starting = asyncio.create_task(self.start())
         stopping = asyncio.create_task(self._stopping.wait())
         try:

@@ -234,3 +234,33 @@ async def test_bot_leaves_when_everyone_else_has_left(running: Env) -> None:
         state = await asyncio.to_thread(running.synapse.request, "GET", path, None, token)
         membership = state.get("membership")
     assert membership == "leave", "the bot stayed alone in the room"
+
+
+def test_sighup_reopens_the_log_files(tmp_path: Path) -> None:
+    """After logrotate moved the file away, SIGHUP makes the bridge write to a new one."""
+    path = tmp_path / "cloakroom.log"
+    config = _config(tmp_path)
+    logging_config = {
+        "version": 1,
+        "formatters": {"normal": {"format": "%(levelname)s [%(name)s] %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "formatter": "normal",
+                              "filename": str(path)}},
+        "root": {"level": "INFO", "handlers": ["file"]},
+    }
+    write_values(config, {"logging": logging_config})
+    proc = subprocess.Popen([sys.executable, "-m", "bridge", "-c", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_clean_env())
+    try:
+        deadline = time.monotonic() + 30
+        while not (path.exists() and "not reachable" in path.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no log written"
+            time.sleep(0.1)
+        path.rename(tmp_path / "cloakroom.log.1")  # what logrotate does
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while not (path.exists() and "Reopened the log files" in path.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no new log file"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
