@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from email.utils import parseaddr
 from pathlib import Path
 
+import dkim
 import pytest
 from nio import RoomMessageText
 from ruamel.yaml import YAML
@@ -34,6 +35,7 @@ from bridge.email.policy import (
 )
 from bridge.quickstart.synapse import free_port
 
+from .dkimkeys import make_key
 from .harness import Env, accept_invite, send_text, wait_for_event
 from .mail import make_mail, send, unique
 from .postfix import Ports, Postfix, unavailable
@@ -241,6 +243,7 @@ def test_action_for_keeps_answers_on_one_line():
 # --- A real Postfix in front of the `postfix` bridge (tests/stack.py) -------------------------
 
 DOMAIN = "cloakroom.test"  # the postfix bridge's email.domain (its Matrix users are :localhost)
+DKIM_KEY = make_key()
 HELD = f"pf3@{DOMAIN}"  # routed through a transport that waits for `postqueue -f`
 HOLD_LIMIT = 2  # email.hold.max_messages of the postfix bridge
 NOBODY = "pfnobody"
@@ -259,7 +262,13 @@ def postfix(request: pytest.FixtureRequest) -> Iterator[Postfix]:
     ports = Ports(smtpd=free_port(), submission=free_port(), lmtp=free_port(),
                   policy=free_port(), sink=sink.port)
     server = Postfix(ports, domain=DOMAIN, held=[HELD], sink=sink)
+    # The bridge signs what it sends (email.dkim): the signature must survive Postfix.
+    key_path = env.base_dir / "postfix-dkim.pem"
+    key_path.write_bytes(DKIM_KEY.private_pem)
+    key_path.chmod(0o600)
     write_values(env.postfix.config_path, {
+        "email.dkim.selector": "pf",
+        "email.dkim.private_key": str(key_path),
         "email.domain": DOMAIN,
         "email.listen.port": ports.lmtp,
         "email.policy.listen.port": ports.policy,
@@ -392,6 +401,9 @@ async def test_an_answer_from_matrix_leaves_through_postfix(running: Env, postfi
     assert msg["Message-ID"]
     # It passed through Postfix's loopback service (the bridge's relay), not around it.
     assert f"by {postfix.hostname} (Postfix)" in msg["Received"]
+    # Signed by the bridge, and still valid after Postfix handled it.
+    assert msg["DKIM-Signature"] and f"d={DOMAIN}" in msg["DKIM-Signature"].replace(" ", "")
+    assert dkim.verify(mail.data, dnsfunc=lambda _name, timeout=5: DKIM_KEY.record.encode())
     assert any("postfix/cloakroom/smtpd" in line and "client=localhost" in line
                for line in postfix.log_lines())
     assert postfix.deliveries("bob@example.org", "sent")
