@@ -477,9 +477,9 @@ def summary(r: dict) -> str:
         size = a["size_bytes"] / MIB
         lines += [f"A {size:g} MiB attachment (load {a['out']['load']}):", "",
                   "| direction | bridge peak RSS growth | × size (target < 3) |", "|---|---|---|",
-                  f"| in: mail → encrypted m.file | {a['in']['peak_growth'] / MB:.0f} MB | "
+                  f"| in: mail → encrypted m.file | {a['in']['peak_growth'] / MB:.0f} MiB | "
                   f"**{a['in']['growth_per_size']}** |",
-                  f"| out: encrypted m.file → mail | {a['out']['peak_growth'] / MB:.0f} MB | "
+                  f"| out: encrypted m.file → mail | {a['out']['peak_growth'] / MB:.0f} MiB | "
                   f"**{a['out']['growth_per_size']}** |", ""]
     p = r.get("portals", {})
     if "rss_after_portals" in p:
@@ -490,13 +490,13 @@ def summary(r: dict) -> str:
                   f"{p['ghost_seconds'] / g * 1000:.0f} ms each |",
                   f"| new portal for a known ghost, by mail | "
                   f"{p['portal_seconds'] / g * 1000:.0f} ms each |",
-                  f"| bridge RSS before | {p['rss_before'] / MB:.0f} MB |",
-                  f"| after {g} ghosts, {g} portals | {p['rss_after_ghosts'] / MB:.0f} MB |",
-                  f"| after {g} ghosts, {2 * g} portals | {p['rss_after_portals'] / MB:.0f} MB |",
+                  f"| bridge RSS before | {p['rss_before'] / MB:.0f} MiB |",
+                  f"| after {g} ghosts, {g} portals | {p['rss_after_ghosts'] / MB:.0f} MiB |",
+                  f"| after {g} ghosts, {2 * g} portals | {p['rss_after_portals'] / MB:.0f} MiB |",
                   f"| per portal | {p['per_portal'] / 1024:.0f} KB |",
-                  f"| 1,000 ghosts, 5,000 portals (extrapolated, target < 150 MB) | "
+                  f"| 1,000 ghosts, 5,000 portals (extrapolated, target < 150 MB = 143 MiB) | "
                   f"**{p['extrapolated_5000_portals_1000_ghosts'] / MB:.0f} MB** |",
-                  f"| after a restart with them all | {p['rss_after_restart'] / MB:.0f} MB |", ""]
+                  f"| after a restart with them all | {p['rss_after_restart'] / MB:.0f} MiB |", ""]
     return "\n".join(lines)
 
 
@@ -549,11 +549,11 @@ def chart(r: dict, path: Path) -> bool:
     if "extrapolated_5000_portals_1000_ghosts" in p:
         names.append("RSS, 1k ghosts\n5k portals (extrap.)")
         values.append(p["extrapolated_5000_portals_1000_ghosts"] / MB)
-        limits.append(150)
+        limits.append(150e6 / MB)
     bars = ax.bar(names, values, color="C0")
     ax.bar_label(bars, fmt="%.0f")
     ax.scatter(names, limits, marker="_", s=900, color="C3", label="target")
-    ax.set_ylabel("MB")
+    ax.set_ylabel("MiB")
     ax.legend()
     ax.set_title("Bridge memory")
     fig.suptitle(f"Cloakroom benchmarks — {r.get('started', '')}, load {r.get('load_start')}")
