@@ -57,8 +57,23 @@ def parse_dsn(raw: bytes) -> Dsn | None:
         return None
 
 
+def _is_report(raw: bytes) -> bool:
+    """Whether the top-level Content-Type says delivery report, from the header section alone.
+
+    Every mail is asked this before it is bridged; parsing the whole of a 30 MB mail just to
+    learn it is not a bounce took seconds and hundreds of MB (measured in bench/)."""
+    end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=-1)
+    header = bytes(raw[: end if end >= 0 else len(raw)])
+    message = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header)
+    return message.get_content_type() == "multipart/report" and (
+        (_param(message, "report-type") or "").lower() in _REPORT_TYPES
+    )
+
+
 def _parse(raw: bytes) -> Dsn | None:
-    if not isinstance(raw, bytes | bytearray) or len(_BOUNDARY_PARAM.findall(raw)) > MAX_BOUNDARIES:
+    if not isinstance(raw, bytes | bytearray) or not _is_report(raw):
+        return None
+    if len(_BOUNDARY_PARAM.findall(raw)) > MAX_BOUNDARIES:
         return None
     message = email.message_from_bytes(bytes(raw), policy=email.policy.compat32)
     if message.get_content_type() != "multipart/report":

@@ -178,7 +178,7 @@ class PortalManager:
         author = self._author(mail, job)
         # The ghost's name is set before its room exists, so the invite, the room and the
         # messages show one name, with no "changed their name" line in between.
-        await self.ghosts.intent(author.address, author.name)
+        intent = await self.ghosts.intent(author.address, author.name)
         room_id = await self.ensure_room(portal)
         if portal.kind == "group":
             # Everyone on the mail is in the conversation, so everyone is in the room (up to
@@ -186,7 +186,6 @@ class PortalManager:
             for person in self._seated(conv, author):
                 ghost = await self.ghosts.intent(person.address, person.name)
                 await ensure_member(ghost, self.bot, room_id)
-        intent = await self.ghosts.intent(author.address, author.name)
         await ensure_member(intent, self.bot, room_id)
         if not await self.sender.can_read(job.owner):
             raise NoReadableDevice(room_id, [job.owner])
