@@ -61,6 +61,10 @@ _current: contextvars.ContextVar[IncomingTransaction | None] = contextvars.Conte
 )
 
 
+# Where a transaction's body digest travels from the header check to the mark.
+DIGEST_KEY = web.RequestKey("cloakroom_digest", str)
+
+
 def current_transaction() -> IncomingTransaction | None:
     """The transaction whose events are being dispatched (None outside a transaction)."""
     return _current.get()
@@ -127,7 +131,7 @@ class BridgeAppService(AppService):
         # (Its own retries resend the same content; events seen twice anyway are handled once,
         # see matrix/inbox.py.)
         digest = hashlib.sha256(raw).hexdigest()
-        request["cloakroom_digest"] = digest
+        request[DIGEST_KEY] = digest
         await self.started.wait()
         if (transaction_id, digest) in self._handled or await self.txn_log.seen(
             transaction_id, digest
@@ -150,7 +154,7 @@ class BridgeAppService(AppService):
                     raise _error(
                         web.HTTPInternalServerError, "M_UNKNOWN", "Could not record every event"
                     )
-                digest = request.get("cloakroom_digest", "")
+                digest = request.get(DIGEST_KEY, "")
                 await self.txn_log.mark(txn.txn_id, digest)
                 self._handled.add((txn.txn_id, digest))
                 return response
