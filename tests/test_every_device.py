@@ -61,17 +61,26 @@ def held(env: Env, user_id: str, db: Path | None = None) -> int:
 
 
 async def bridge_knows_device(env: Env, client: AsyncClient, db: Path | None = None) -> None:
-    """The bridge has heard (from a transaction) of this new device.
+    """The bridge has heard (from a transaction) that this user's devices changed: it stored
+    the new device, or it dropped the Megolm sessions of the rooms it shares with them (the
+    change can reach it before the device's keys do; the next session then asks again).
 
     Not a sleep: the device list change reaches the bridge asynchronously, and a mail sent
     before that is, correctly, encrypted for the devices known then.
     """
-    await until(
-        lambda: bool(query(db or bridge_db(env),
-                           "SELECT 1 FROM crypto_device WHERE user_id=? AND device_id=?",
-                           client.user_id, client.device_id)),
-        what=f"the bridge knowing device {client.device_id}",
-    )
+    await until(lambda: device_change_seen(db or bridge_db(env), client.user_id,
+                                           client.device_id),
+                what=f"the bridge hearing of device {client.device_id}")
+
+
+def device_change_seen(db: Path, user_id: str, device_id: str) -> bool:
+    if query(db, "SELECT 1 FROM crypto_device WHERE user_id=? AND device_id=?",
+             user_id, device_id):
+        return True
+    # Every room of theirs that had a session has none any more: the rotation happened.
+    return not query(
+        db, "SELECT 1 FROM crypto_megolm_outbound_session WHERE room_id IN "
+        "(SELECT room_id FROM mx_user_profile WHERE user_id=?)", user_id)
 
 
 async def texts(client: AsyncClient, room_id: str, count: int, timeout: float = 60

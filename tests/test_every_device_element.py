@@ -17,7 +17,16 @@ from .element_client import ElementClient, ElementDevices, ElementEvent
 from .harness import Env
 from .mail import unique
 from .stack import ONBOARDING_USERS, STRICT_USERS
-from .test_every_device import PNG_1x1, bridge_db, held, local, mail, query, until
+from .test_every_device import (
+    PNG_1x1,
+    bridge_db,
+    device_change_seen,
+    held,
+    local,
+    mail,
+    query,
+    until,
+)
 
 
 def reads(*tokens: str):
@@ -27,12 +36,10 @@ def reads(*tokens: str):
 
 
 async def knows_device(env: Env, device: ElementClient, db=None) -> None:
-    await until(
-        lambda: bool(query(db or bridge_db(env),
-                           "SELECT 1 FROM crypto_device WHERE user_id=? AND device_id=?",
-                           device.user_id, device.device_id)),
-        what=f"the bridge knowing device {device.device_id}",
-    )
+    """See tests.test_every_device.bridge_knows_device."""
+    await until(lambda: device_change_seen(db or bridge_db(env), device.user_id,
+                                           device.device_id),
+                what=f"the bridge hearing of device {device.device_id}")
 
 
 def not_red(event: ElementEvent) -> None:
