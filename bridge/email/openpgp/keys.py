@@ -115,7 +115,25 @@ def _wrap(error: _EngineError, kind: type[OpenPGPError], what: str) -> OpenPGPEr
 # --- keys ------------------------------------------------------------------------------------
 
 
-class PublicKey:
+class _KeyFacts:
+    """What public and secret keys both tell about themselves (``_key``: the engine's key)."""
+
+    _key: SignedPublicKey | SignedSecretKey
+
+    @property
+    def fingerprint(self) -> str:
+        return _hex(self._key.fingerprint)
+
+    @property
+    def user_ids(self) -> list[str]:
+        return list(self._key.user_ids)
+
+    @property
+    def created_at(self) -> int:
+        return int(self._key.created_at)
+
+
+class PublicKey(_KeyFacts):
     """A peer's (or our own) transferable public key, bindings verified on load."""
 
     __slots__ = ("_key",)
@@ -150,18 +168,6 @@ class PublicKey:
     def native(self) -> SignedPublicKey:
         """The engine's object; only for code in this module and its tests."""
         return self._key
-
-    @property
-    def fingerprint(self) -> str:
-        return _hex(self._key.fingerprint)
-
-    @property
-    def user_ids(self) -> list[str]:
-        return list(self._key.user_ids)
-
-    @property
-    def created_at(self) -> int:
-        return int(self._key.created_at)
 
     def to_bytes(self) -> bytes:
         return bytes(self._key.to_bytes())
@@ -211,7 +217,7 @@ class PublicKey:
         return f"PublicKey(fingerprint={self.fingerprint!r})"
 
 
-class SecretKey:
+class SecretKey(_KeyFacts):
     """A mailbox's secret key. Its repr shows only the fingerprint; `to_bytes` is the one way
     the secret leaves this object, for the caller to seal (bridge.crypto.sealed.seal_bytes)."""
 
@@ -276,18 +282,6 @@ class SecretKey:
     @property
     def native(self) -> SignedSecretKey:
         return self._key
-
-    @property
-    def fingerprint(self) -> str:
-        return _hex(self._key.fingerprint)
-
-    @property
-    def user_ids(self) -> list[str]:
-        return list(self._key.user_ids)
-
-    @property
-    def created_at(self) -> int:
-        return int(self._key.created_at)
 
     @property
     def public_key(self) -> PublicKey:
